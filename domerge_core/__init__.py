@@ -1,0 +1,45 @@
+"""domerge_core — DO-Merging (Decouple and Orthogonalize) and classic merge methods for LoRAs.
+
+The public names below are the whole surface the adapters (CLI, ComfyUI nodes, widgets) use.
+They are resolved lazily so that ``import domerge_core`` stays cheap (ComfyUI start-up).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    # data model
+    "Lora": "lora", "LoraModule": "lora",
+    # errors
+    "DomergeError": "errors", "LoraFormatError": "errors", "UnsupportedFormatError": "errors",
+    "IncompatibleLorasError": "errors", "OutputExistsError": "errors", "MergeCancelled": "errors",
+    "InvalidParameterError": "errors",
+    # files
+    "load_lora": "formats", "load_state_dict": "formats", "to_state_dict": "formats",
+    "save_lora": "formats", "default_format": "formats", "FORMATS": "formats",
+    "describe": "inspect", "check_compatible": "align", "output_metadata": "metadata",
+    # methods and merging
+    "Param": "methods.registry", "MethodSpec": "methods.registry", "get_method": "methods",
+    "list_methods": "methods", "method_names": "methods",
+    "merge": "merge", "MergeResult": "merge", "MergeCache": "cache",
+    "analyze": "diagnostics", "resolve_device": "devices",
+    "ProgressFn": "progress",
+}
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    mod = _PUBLIC.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'domerge_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

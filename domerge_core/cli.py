@@ -1,0 +1,392 @@
+"""The ``domerge`` command line: argparse over the core's public API and its method registry.
+
+Every deliberate error is one line ``error: <file>: <reason>`` on stderr and exit code 2; no
+traceback (``DOMERGE_DEBUG=1`` shows one). Ctrl-C / SIGTERM stop cleanly (exit 130 / 143) and,
+like every failure, leave no partial output behind (the writers are atomic).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+EXIT_USAGE = 2
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every cleanup path (temp files) runs."""
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the signal tests in a subprocess
+    raise _Terminated()
+
+
+# ----------------------------------------------------------------------------- output helpers
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+class ProgressBar:
+    """A one-line progress display on stderr (only when stderr is a terminal, unless forced)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._last = 0.0
+        self._stage = None
+
+    def __call__(self, done: int, total: int, stage: str) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if stage == self._stage and done < total and now - self._last < 0.1:
+            return
+        self._last, self._stage = now, stage
+        width = 30
+        frac = done / total if total else 1.0
+        bar = "#" * int(frac * width)
+        sys.stderr.write(f"\r{stage:>14s} [{bar:<{width}s}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _torch_dtype(name: Optional[str]):
+    if name is None:
+        return None
+    import torch
+    return getattr(torch, DTYPES[name])
+
+
+def _fmt_num(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+# ----------------------------------------------------------------------------- inspect
+
+def _print_description(d: Dict[str, Any]) -> None:
+    print(f"{d.get('file', '?')}")
+    order = ["format", "base_model", "modules", "ranks", "alphas", "scales", "dtype", "parameters",
+             "components", "kinds"]
+    keys = [k for k in order if k in d] + [k for k in d if k not in order and k != "file"]
+    for k in keys:
+        v = d[k]
+        if k == "parameters" and isinstance(v, (int, float)):
+            v = f"{v} ({_fmt_num(v)})"
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a}: {b}" for a, b in v.items())
+        elif isinstance(v, (list, tuple)):
+            v = ", ".join(map(str, v))
+        print(f"  {k:<12s} {v}")
+
+
+def _print_matrix(title: str, names: Sequence[str], mat: Sequence[Sequence[float]]) -> None:
+    print(title)
+    w = max(8, max(len(n) for n in names) if names else 8)
+    short = [n if len(n) <= w else n[: w - 1] + "…" for n in names]
+    print(" " * (w + 2) + "".join(f"{i:>9d}" for i in range(len(names))))
+    for i, (n, row) in enumerate(zip(short, mat)):
+        print(f"{i:>2d} {n:<{w}s}" + "".join(f"{x:9.4f}" for x in row)[1:])
+
+
+def _print_analysis(a: Dict[str, Any], names: Sequence[str]) -> None:
+    print("\npairwise analysis")
+    for key, title in (("cosine_before", "mean |cos(ΔW_i, ΔW_j)| over modules, before orthogonalization"),
+                       ("cosine_after", "mean |cos(ΔW_i, ΔW_j)| over modules, after orthogonalization")):
+        if key in a and a[key] is not None:
+            _print_matrix(title, names, a[key])
+    for key in ("magnitude_variance", "delta_rel_A", "delta_rel_B"):
+        if key in a:
+            print(f"  {key:<20s} {a[key]}")
+    if "norms" in a:
+        print("  update norm per LoRA (Frobenius, all modules): "
+              + ", ".join(f"{n}={v:.4g}" for n, v in zip(names, a["norms"])))
+
+
+def cmd_inspect(args) -> int:
+    import domerge_core as dc
+
+    loras = [dc.load_lora(p) for p in args.files]
+    descs = []
+    for lora in loras:
+        d = dict(dc.describe(lora))
+        d.setdefault("file", lora.source)
+        descs.append(d)
+    analysis = None
+    if len(loras) >= 2 and not args.no_analysis:
+        dc.check_compatible(loras)
+        analysis = dc.analyze(loras, device=args.device)
+    if args.json:
+        out: Dict[str, Any] = {"files": descs}
+        if analysis is not None:
+            out["analysis"] = analysis
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    for d in descs:
+        _print_description(d)
+    if analysis is not None:
+        _print_analysis(analysis, [os.path.basename(p) for p in args.files])
+    return 0
+
+
+# ----------------------------------------------------------------------------- convert
+
+def cmd_convert(args) -> int:
+    import domerge_core as dc
+
+    lora = dc.load_lora(args.input)
+    path = dc.save_lora(lora, args.output, format=args.format or dc.default_format(lora),
+                        dtype=_torch_dtype(args.dtype), overwrite=args.overwrite)
+    print(f"wrote {path} ({len(lora)} modules, {args.format or dc.default_format(lora)})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- merge
+
+def _all_params():
+    """Union of every registered method's parameters, by name (first declaration wins)."""
+    import domerge_core as dc
+
+    seen: Dict[str, Any] = {}
+    for spec in dc.list_methods():
+        for p in spec.all_params():
+            seen.setdefault(p.name, p)
+    return seen
+
+
+def _flag(name: str) -> str:
+    return "--lambda" if name == "lam" else "--" + name.replace("_", "-")
+
+
+def _add_method_params(ap: argparse.ArgumentParser) -> None:
+    group = ap.add_argument_group("method parameters (defaults depend on --method; see `domerge methods`)")
+    for name, p in _all_params().items():
+        helptext = (p.help or "").replace("%", "%%")
+        if p.type == "bool":
+            group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=helptext)
+        elif p.type == "choice":
+            group.add_argument(_flag(name), dest=name, choices=list(p.choices), default=None, help=helptext)
+        else:
+            group.add_argument(_flag(name), dest=name, type=float if p.type == "float" else int, default=None,
+                               metavar=name.upper(), help=helptext)
+
+
+def _parse_weights(text: Optional[str], n: int) -> Optional[List[float]]:
+    if text is None:
+        return None
+    try:
+        ws = [float(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise SystemExit(_usage_error(f"--weights: expected numbers separated by commas, got {text!r}"))
+    if len(ws) != n:
+        raise SystemExit(_usage_error(f"--weights: {len(ws)} weights for {n} input files"))
+    if any(w != w or w in (float("inf"), float("-inf")) for w in ws):
+        raise SystemExit(_usage_error("--weights: weights must be finite"))
+    return ws
+
+
+def _usage_error(msg: str) -> int:
+    _err(msg)
+    return EXIT_USAGE
+
+
+def cmd_merge(args) -> int:
+    import domerge_core as dc
+
+    spec = dc.get_method(args.method)
+    own = {p.name for p in spec.all_params()}
+    params = {}
+    for name in _all_params():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        if name not in own:
+            return _usage_error(f"{_flag(name)} does not apply to method {args.method!r}")
+        params[name] = v
+    weights = _parse_weights(args.weights, len(args.inputs))
+    out_abs = os.path.abspath(args.output)
+    for p in args.inputs:
+        if os.path.abspath(p) == out_abs or (os.path.exists(p) and os.path.exists(out_abs)
+                                             and os.path.samefile(p, out_abs)):
+            return _usage_error(f"{args.output}: the output is one of the inputs; choose another name")
+    if os.path.exists(out_abs) and not args.overwrite:
+        return _usage_error(f"{args.output}: exists; pass --overwrite to replace it")
+
+    bar = ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
+    t0 = time.perf_counter()
+    loras = [dc.load_lora(p) for p in args.inputs]
+    dc.check_compatible(loras)
+    compute = {"fp32": "float32", "fp64": "float64"}[args.compute_dtype]
+    import torch
+    result = dc.merge(loras, method=args.method, params=params, weights=weights, rank=args.rank,
+                      energy=args.energy, device=args.device, compute_dtype=getattr(torch, compute),
+                      seed=args.seed, progress=bar)
+    path = result.save(args.output, format=args.format, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite)
+    elapsed = time.perf_counter() - t0
+    if args.report:
+        _write_json_atomic(args.report, result.report, overwrite=args.overwrite)
+    if not args.quiet:
+        _print_merge_summary(result, path, elapsed)
+    return 0
+
+
+def _write_json_atomic(path: str, data: Any, overwrite: bool) -> None:
+    from .io import atomic_write
+
+    payload = json.dumps(data, indent=2, default=str).encode()
+    atomic_write(path, lambda f: f.write(payload), overwrite=overwrite)
+
+
+def _print_merge_summary(result, path: str, elapsed: float) -> None:
+    rep = result.report or {}
+    summary = rep.get("summary", {})
+    print(f"merged {len(result.inputs)} LoRAs with {result.method} -> {path}")
+    print(f"  modules      {len(result.lora)}")
+    ranks = sorted({m.rank for m in result.lora})
+    if ranks:
+        print(f"  output rank  {ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else ""))
+    for key, label in (("mean_abs_cos_before", "mean |cos| before"), ("mean_abs_cos_after", "mean |cos| after"),
+                       ("max_rel_truncation_error", "max trunc err"), ("magnitude_variance", "magnitude var")):
+        if key in summary and summary[key] is not None:
+            print(f"  {label:<17s}{summary[key]:.4g}")
+    print(f"  time         {elapsed:.2f} s")
+
+
+# ----------------------------------------------------------------------------- demo / methods
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out_dir)
+    return 0
+
+
+def cmd_methods(args) -> int:
+    import domerge_core as dc
+
+    for spec in dc.list_methods():
+        print(f"{spec.name:<10s} {spec.label}" + ("  [exact low rank]" if spec.lowrank else ""))
+        if spec.description:
+            print(f"           {spec.description}")
+        for p in spec.all_params():
+            rng = ""
+            if p.type == "choice":
+                rng = " {" + ",".join(p.choices) + "}"
+            elif p.min is not None or p.max is not None:
+                rng = f" [{p.min}, {p.max}]"
+            print(f"    {_flag(p.name):<24s} default {p.default!s:<8s}{rng}  {p.help}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(prog="domerge", description="Merge LoRAs with DO-Merging "
+                                 "(Decouple and Orthogonalize) or the classic methods, exactly and fast.")
+    ap.add_argument("--version", action="version", version=f"domerge {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="describe LoRA files (and, for several, how they interfere)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-analysis", action="store_true", help="skip the pairwise analysis of several files")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="rewrite a LoRA in another layout")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("--format", choices=["kohya", "diffusers", "peft"], default=None,
+                   help="output layout (default: the input's)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="output dtype (default: the input's)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("merge", help="merge LoRAs into one")
+    p.add_argument("inputs", nargs="+", metavar="IN")
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("--method", default="do", help="merge method (see `domerge methods`; default do)")
+    p.add_argument("--weights", default=None, help="strengths w1,w2,... (default 1 each)")
+    r = p.add_mutually_exclusive_group()
+    r.add_argument("--rank", type=int, default=None, help="truncate the output to this rank (exact SVD)")
+    r.add_argument("--energy", type=float, default=None,
+                   help="truncate each module to keep this fraction of its singular energy (0..1]")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="output dtype (default: the inputs')")
+    p.add_argument("--compute-dtype", choices=["fp32", "fp64"], default="fp32")
+    p.add_argument("--format", choices=["kohya", "diffusers", "peft"], default=None,
+                   help="output layout (default: the first input's)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE)")
+    p.add_argument("--report", default=None, metavar="FILE.json", help="write the diagnostics as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and the report) if they exist")
+    p.add_argument("-q", "--quiet", action="store_true")
+    _add_method_params(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("demo", help="run a merge on an embedded example and explain what it shows")
+    p.add_argument("--out-dir", default=None, help="also write the example and merged files here")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list merge methods and their parameters")
+    p.set_defaults(func=cmd_methods)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .errors import DomergeError
+
+    debug = os.environ.get("DOMERGE_DEBUG") == "1"
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        ap = build_parser()
+        args = ap.parse_args(argv)
+        if getattr(args, "rank", None) is not None and args.rank < 1:
+            return _usage_error("--rank must be at least 1")
+        if getattr(args, "energy", None) is not None and not (0.0 < args.energy <= 1.0):
+            return _usage_error("--energy must be in (0, 1]")
+        if getattr(args, "device", None) not in (None, "auto"):
+            from .devices import resolve_device
+            resolve_device(args.device)
+        return int(args.func(args) or 0)
+    except DomergeError as e:
+        if debug:
+            raise
+        _err(str(e))
+        return EXIT_USAGE
+    except _Terminated:
+        _err("terminated; nothing was written")
+        return 143
+    except KeyboardInterrupt:
+        _err("interrupted; nothing was written")
+        return 130
+    except OSError as e:
+        if debug:
+            raise
+        name = e.filename or ""
+        _err(f"{name}: {e.strerror or e}" if name else str(e))
+        return EXIT_USAGE
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    except Exception as e:  # a bug: still one line, with a hint
+        if debug:
+            raise
+        _err(f"internal error: {type(e).__name__}: {e} (set DOMERGE_DEBUG=1 for a traceback)")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
