@@ -2,18 +2,16 @@
 
 ComfyUI imports this file as a package but does not put the folder on sys.path, so the folder is
 added here to make ``domerge_core`` importable as a top-level package (as it is when pip-installed).
+Import errors are not swallowed: ComfyUI then lists the pack as IMPORT FAILED with the reason.
 """
 import os
 import sys
 
 _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
-    sys.path.insert(0, _here)
+    # appended, not prepended: this folder's nodes/ must not shadow ComfyUI's own nodes.py
+    sys.path.append(_here)
 
-try:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401
-except ImportError:  # nodes not built yet, or imported outside ComfyUI as a plain package
-    NODE_CLASS_MAPPINGS = {}
-    NODE_DISPLAY_NAME_MAPPINGS = {}
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,28 @@
+"""ComfyUI nodes for comfyui-domerge (installed as ``domerge_nodes``).
+
+Thin adapters: each node turns ComfyUI inputs into one ``domerge_core`` call and its result into
+ComfyUI types. Classic (V1) node API, so they load on old and current ComfyUI.
+"""
+from .apply_node import DomergeApplyLora
+from .lora_list import DomergeLoraList
+from .merge_node import DomergeMergeLoras
+from .report_node import DomergeMergeReport
+from .save_node import DomergeSaveLora
+
+NODE_CLASS_MAPPINGS = {
+    "DomergeLoraList": DomergeLoraList,
+    "DomergeMergeLoras": DomergeMergeLoras,
+    "DomergeApplyLora": DomergeApplyLora,
+    "DomergeSaveLora": DomergeSaveLora,
+    "DomergeMergeReport": DomergeMergeReport,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DomergeLoraList": "LoRA list (DO-Merge)",
+    "DomergeMergeLoras": "DO-Merge LoRAs",
+    "DomergeApplyLora": "Apply Merged LoRA",
+    "DomergeSaveLora": "Save Merged LoRA",
+    "DomergeMergeReport": "LoRA Merge Report",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

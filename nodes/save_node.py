@@ -1,0 +1,92 @@
+"""Save Merged LoRA: write a LORA_MODEL as safetensors into the first loras folder (never overwrites)."""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+import domerge_core
+
+from . import comfy_glue as glue
+from .lora_list import CATEGORY
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MAX_COUNTER = 99999
+
+
+def check_prefix(prefix: str) -> str:
+    """A relative, forward prefix inside the loras folder; ``..``, absolute paths, drive letters and
+    empty names are refused. Returns it normalised to '/' separators."""
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise glue.NodeInputError("filename_prefix is empty")
+    p = prefix.strip().replace("\\", "/")
+    if p.startswith("/") or os.path.isabs(prefix) or re.match(r"^[A-Za-z]:", p):
+        raise glue.NodeInputError(f"filename_prefix {prefix!r} is absolute: give a name inside the loras folder")
+    parts = p.split("/")
+    if any(x in ("..", ".") for x in parts) or any(x == "" for x in parts):
+        raise glue.NodeInputError(f"filename_prefix {prefix!r} may not contain '..', '.' or empty parts")
+    return p
+
+
+def output_path(prefix: str):
+    """(full path, name as listed by ComfyUI) of the first free ``<prefix>_NNNNN.safetensors``."""
+    import folder_paths
+
+    p = check_prefix(prefix)
+    root = os.path.realpath(folder_paths.get_folder_paths(glue.LORA_FOLDER)[0])
+    sub, base = os.path.split(p)
+    folder = os.path.realpath(os.path.join(root, sub))
+    if os.path.commonpath([root, folder]) != root:       # e.g. a symlinked subfolder pointing out
+        raise glue.NodeInputError(f"filename_prefix {prefix!r} leaves the loras folder {root}")
+    os.makedirs(folder, exist_ok=True)
+    for i in range(1, MAX_COUNTER + 1):
+        name = f"{base}_{i:05d}.safetensors"
+        full = os.path.join(folder, name)
+        if not os.path.exists(full):
+            return full, (f"{sub}/{name}" if sub else name)
+    raise glue.NodeInputError(f"no free file name for {prefix!r} in {folder}")
+
+
+class DomergeSaveLora:
+    DESCRIPTION = ("Saves a merged LoRA as .safetensors into the first loras folder (with the merge's "
+                   "metadata), so the stock LoRA loaders list it after a refresh. The prefix may name "
+                   "subfolders but never leaves the folder; an existing file is never replaced.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("lora_name",)
+    OUTPUT_TOOLTIPS = ("The saved file's name as the LoRA loaders list it.",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lora": ("LORA_MODEL", {"tooltip": "The merged LoRA to save."}),
+            "filename_prefix": ("STRING", {"default": "domerge/merged",
+                                           "tooltip": "Name inside the loras folder (subfolders allowed; "
+                                                      "_00001, _00002 ... is appended)."}),
+            "format": (list(domerge_core.FORMATS), {
+                "default": "kohya", "tooltip": "File layout: kohya (A1111/Forge/ComfyUI), diffusers, or peft."}),
+            "dtype": (list(DTYPES), {"default": "fp16", "tooltip": "Precision of the saved factors."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None, **_):
+        if filename_prefix is None:      # linked from another node: checked when it runs
+            return True
+        try:
+            check_prefix(filename_prefix)
+        except glue.NodeInputError as e:
+            return str(e)
+        return True
+
+    def save(self, lora, filename_prefix, format, dtype):
+        full, listed = output_path(filename_prefix)
+        result = getattr(lora, "result", None)
+        if result is not None:
+            result.save(full, format=format, dtype=DTYPES[dtype], overwrite=False)
+        else:      # a plain LORA_MODEL (e.g. TrainLoraNode's): read through the core, write the same way
+            src = domerge_core.load_state_dict(dict(lora), source="LORA_MODEL")
+            domerge_core.save_lora(src, full, format=format, dtype=DTYPES[dtype], overwrite=False)
+        return {"ui": {"text": [listed]}, "result": (listed,)}
