@@ -1,0 +1,114 @@
+"""Step 2–3 of DO-Merging: split each task update into column magnitudes and unit-column
+directions, merge the two parts separately, recombine (method.md §2–§3).
+
+All on factors: ``W_i = B_i A_i`` has column norms ``α_i`` computed from the r×r Gram ``B_iᵀB_i``;
+the direction ``W̃_i = B_i (A_i diag(1/α_i))`` is a column scaling of A_i, so it stays rank r_i.
+
+Strength semantics [ours, method.md §3], with ``g = max_i |w_i|``:
+- the direction merge sees ``(w_i/g)·W̃_i``,
+- magnitude rules (``magnitude`` option):
+  ``weighted_mean`` (default): ``α* = g·Σ|w_i|α_i / Σ|w_i|`` — the plain mean at equal strengths,
+  continuous in every strength and exact for one LoRA;
+  ``mean``: ``α* = (1/T)·Σ|w_i|α_i`` — the mean of the strength-scaled magnitudes;
+  ``max``: ``α* = max_i |w_i|α_i``.
+- recombination (``recombine`` option): ``v1``: ``ΔW* = λ·D*·diag(α*)``;
+  ``v2`` (norm-preserving): ``ΔW* = λ·D*·diag(α*/‖D*[:,k]‖)``, so each merged column has the
+  merged magnitude (λ = 1 gives the spec's v2 exactly).
+With either, one LoRA at strength w gives ``λ·w·ΔW``, and scaling every strength by c scales the
+result by c.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .linalg import col_norms, mT
+
+Tensor = torch.Tensor
+
+MAGNITUDE_RULES = ("weighted_mean", "mean", "max")
+RECOMBINE_RULES = ("v1", "v2")
+EPS = 1e-12
+
+
+def split_blocks(B: Tensor, A: Tensor, ranks: Sequence[int]) -> Tuple[List[Tensor], List[Tensor]]:
+    Bs, As, o = [], [], 0
+    for r in ranks:
+        Bs.append(B[..., o:o + r])
+        As.append(A[..., o:o + r, :])
+        o += r
+    return Bs, As
+
+
+def magnitudes(Bs: Sequence[Tensor], As: Sequence[Tensor], GB: Optional[Tensor] = None) -> Tensor:
+    """Column norms of every task update, (…, T, n). ``GB``: the stacked ``BᵀB`` (…, R, R) if known
+    (its diagonal blocks are the per-task Grams; saves the m-dimensional pass)."""
+    out, o = [], 0
+    for b, a in zip(Bs, As):
+        r = a.shape[-2]
+        g = GB[..., o:o + r, o:o + r] if GB is not None else mT(b) @ b
+        out.append(((g @ a) * a).sum(-2).clamp_min(0).sqrt())
+        o += r
+    return torch.stack(out, -2)
+
+
+def direction_down(A: Tensor, alpha: Tensor, ranks: Sequence[int]) -> Tensor:
+    """Stacked ``[A_1 diag(1/α_1); …]`` in one pass (a new tensor)."""
+    inv = safe_inverse(alpha)
+    out = torch.empty_like(A)
+    o = 0
+    for t, r in enumerate(ranks):
+        torch.mul(A[..., o:o + r, :], inv[..., t, :].unsqueeze(-2), out=out[..., o:o + r, :])
+        o += r
+    return out
+
+
+def safe_inverse(x: Tensor, eps: float = EPS) -> Tensor:
+    """1/x, and 0 where x is (relatively) zero: zero columns get a zero direction."""
+    tiny = eps * x.amax(-1, keepdim=True).clamp_min(1e-300)
+    return torch.where(x > tiny, 1.0 / x.clamp_min(1e-300), torch.zeros_like(x))
+
+
+def merge_magnitudes(alpha: Tensor, w: Tensor, rule: str = "weighted_mean") -> Tensor:
+    """α* (…, n) from per-task α (…, T, n) and strengths w (T,)."""
+    aw = w.abs().to(alpha.dtype)
+    if rule == "weighted_mean":
+        g = aw.max()
+        return g * (aw.unsqueeze(-1) * alpha).sum(-2) / aw.sum()
+    if rule == "mean":
+        return (aw.unsqueeze(-1) * alpha).mean(-2)
+    if rule == "max":
+        return (aw.unsqueeze(-1) * alpha).amax(-2)
+    raise ValueError(f"unknown magnitude rule {rule!r} (use one of {', '.join(MAGNITUDE_RULES)})")
+
+
+def direction_weights(w: Tensor) -> Tensor:
+    """``w_i / g`` with ``g = max|w_i|`` (the direction merge's per-task coefficients)."""
+    g = w.abs().max()
+    return w / g if float(g) > 0 else w
+
+
+def recombine_lowrank(B: Tensor, A: Tensor, alpha_star: Tensor, rule: str, lam: float,
+                      inplace: bool = False) -> Tuple[Tensor, Tensor]:
+    """Low-rank recombination: a column scaling of the merged direction's down factor
+    (in place on A when ``inplace``)."""
+    if rule == "v1":
+        s = (lam * alpha_star).unsqueeze(-2)
+    elif rule == "v2":
+        s = (lam * alpha_star * safe_inverse(col_norms(B, A))).unsqueeze(-2)
+    else:
+        s = None
+    if s is not None:
+        return B, (A.mul_(s) if inplace else A * s)
+    raise ValueError(f"unknown recombine rule {rule!r} (use one of {', '.join(RECOMBINE_RULES)})")
+
+
+def recombine_dense(D: Tensor, alpha_star: Tensor, rule: str, lam: float) -> Tensor:
+    """Dense recombination of a merged direction D (…, m, n)."""
+    if rule == "v1":
+        return D * (lam * alpha_star).unsqueeze(-2)
+    if rule == "v2":
+        d = D.norm(dim=-2)
+        return D * (lam * alpha_star * safe_inverse(d)).unsqueeze(-2)
+    raise ValueError(f"unknown recombine rule {rule!r} (use one of {', '.join(RECOMBINE_RULES)})")

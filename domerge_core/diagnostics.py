@@ -1,0 +1,238 @@
+"""Diagnostics as data (JSON-serialisable): what `merge` reports and what ``domerge inspect`` prints.
+
+Everything comes from r×r Grams of the factors (never an m×n matrix):
+- per LoRA and per block: update norms ``‖ΔW_i‖_F`` (at strength 1, and at the given strengths);
+- magnitude distribution variance [ours, method.md]: per module ``s_i = |w_i|·‖ΔW_i‖_F``,
+  normalised by the mean over the LoRAs that have the module, variance over them; averaged over
+  modules (0 when all LoRAs have equal norms);
+- the pairwise cosine matrix of the LoRAs (whole model, and per block), before and after the
+  orthogonalization: ``Σ_modules ⟨ΔW_i, ΔW_j⟩ / sqrt(Σ‖ΔW_i‖² · Σ‖ΔW_j‖²)`` over the modules both have;
+- ``‖δA‖/‖A‖`` and ``‖δB‖/‖B‖`` of the orthogonalization (mean per LoRA);
+- ranks, and the truncation energy: the energy fraction of the task-arithmetic merge kept at the
+  largest input rank, and the rank needed for 99 % of it (exact: QR + core SVD).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .lora import Lora
+
+_NUM = re.compile(r"^\d+$")
+
+
+def block_of(key: str) -> str:
+    """A coarse block name: the key up to its first numeric path segment (``unet.down_blocks.1``,
+    ``text_encoder.text_model.encoder.layers.3``, ``transformer.transformer_blocks.7``)."""
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        if i > 0 and _NUM.match(p):
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:2]) if len(parts) > 1 else key
+
+
+def _lora_name(lora: Lora, i: int) -> str:
+    try:
+        name = lora.name
+    except Exception:  # noqa: BLE001
+        name = ""
+    return name if name and not name.startswith("<") else f"lora{i}"
+
+
+class _Acc:
+    """Accumulates ⟨ΔW_i, ΔW_j⟩ over modules for one scope (model or block)."""
+
+    def __init__(self, T: int):
+        self.before = [[0.0] * T for _ in range(T)]
+        self.after = [[0.0] * T for _ in range(T)]
+        self.modules = 0
+        self.abs_cos_before: List[float] = []
+        self.abs_cos_after: List[float] = []
+
+    def add(self, idx, cos_b, cos_a, nb, na):
+        self.modules += 1
+        for a, i in enumerate(idx):
+            for b, j in enumerate(idx):
+                self.before[i][j] += cos_b[a][b] * nb[a] * nb[b]
+                self.after[i][j] += cos_a[a][b] * na[a] * na[b]
+                if a < b:
+                    self.abs_cos_before.append(abs(cos_b[a][b]))
+                    self.abs_cos_after.append(abs(cos_a[a][b]))
+
+    @staticmethod
+    def _cos(K):
+        T = len(K)
+        return [[(K[i][j] / math.sqrt(K[i][i] * K[j][j]) if K[i][i] > 0 and K[j][j] > 0 else 0.0)
+                 for j in range(T)] for i in range(T)]
+
+    def out(self) -> Dict[str, Any]:
+        mb = sum(self.abs_cos_before) / len(self.abs_cos_before) if self.abs_cos_before else 0.0
+        ma = sum(self.abs_cos_after) / len(self.abs_cos_after) if self.abs_cos_after else 0.0
+        return {"modules": self.modules, "cosine_before": self._cos(self.before),
+                "cosine_after": self._cos(self.after), "mean_abs_cos_before": mb, "mean_abs_cos_after": ma}
+
+
+def summarize(records: Dict[str, Dict[str, Any]], names: Sequence[str], weights: Sequence[float],
+              per_block: bool = True) -> Dict[str, Any]:
+    """Per-LoRA, per-block and whole-model diagnostics from per-module records
+    (``inputs``, ``norms``, ``norms_after``, ``cos_before``, ``cos_after``, ``rel_delta_A/B``)."""
+    T = len(names)
+    model = _Acc(T)
+    blocks: Dict[str, _Acc] = {}
+    block_norms: Dict[str, List[float]] = {}
+    norm2 = [0.0] * T
+    count = [0] * T
+    dA = [[] for _ in range(T)]
+    dB = [[] for _ in range(T)]
+    mvars: List[float] = []
+    for key, rec in records.items():
+        idx = rec.get("inputs", [])
+        if "norms" not in rec:
+            continue
+        nb, na = rec["norms"], rec.get("norms_after", rec["norms"])
+        blk = block_of(key)
+        bn = block_norms.setdefault(blk, [0.0] * T)
+        for a, i in enumerate(idx):
+            norm2[i] += nb[a] ** 2
+            bn[i] += nb[a] ** 2
+            count[i] += 1
+            dA[i].append(rec["rel_delta_A"][a])
+            dB[i].append(rec["rel_delta_B"][a])
+        if len(idx) >= 2:
+            model.add(idx, rec["cos_before"], rec["cos_after"], nb, na)
+            if per_block:
+                blocks.setdefault(blk, _Acc(T)).add(idx, rec["cos_before"], rec["cos_after"], nb, na)
+            s = [abs(weights[i]) * nb[a] for a, i in enumerate(idx)]
+            mean = sum(s) / len(s)
+            if mean > 0:
+                sn = [x / mean for x in s]
+                mvars.append(sum((x - 1.0) ** 2 for x in sn) / len(sn))
+    loras = []
+    for i in range(T):
+        loras.append({
+            "name": names[i], "weight": float(weights[i]), "modules_merged": count[i],
+            "update_norm": math.sqrt(norm2[i]), "weighted_update_norm": abs(weights[i]) * math.sqrt(norm2[i]),
+            "rel_delta_A_mean": (sum(dA[i]) / len(dA[i])) if dA[i] else 0.0,
+            "rel_delta_A_max": max(dA[i]) if dA[i] else 0.0,
+            "rel_delta_B_mean": (sum(dB[i]) / len(dB[i])) if dB[i] else 0.0,
+            "rel_delta_B_max": max(dB[i]) if dB[i] else 0.0,
+        })
+    out: Dict[str, Any] = {
+        "loras": loras,
+        "magnitude_variance": (sum(mvars) / len(mvars)) if mvars else 0.0,
+        **model.out(),
+    }
+    if per_block:
+        out["blocks"] = {
+            blk: {"update_norms": [math.sqrt(x) for x in block_norms[blk]],
+                  **(blocks[blk].out() if blk in blocks else _Acc(T).out())}
+            for blk in block_norms}
+    return out
+
+
+def merge_report(loras: Sequence[Lora], weights: Sequence[float], method: str, params: Dict[str, Any],
+                 records: Dict[str, Dict[str, Any]], jobs, rank=None, energy=None) -> Dict[str, Any]:
+    """The `MergeResult.report` dict."""
+    names = [_lora_name(l, i) for i, l in enumerate(loras)]
+    errs = [r["rel_error"] for r in records.values()]
+    ranks = [r["rank"] for r in records.values()]
+    skipped = [j.key for j in jobs if j.key not in records]
+    return {
+        "method": method,
+        "params": dict(params),
+        "weights": [float(x) for x in weights],
+        "inputs": names,
+        "rank": rank,
+        "energy": energy,
+        "summary": {
+            "modules": len(records),
+            "modules_skipped": len(skipped),
+            "rank_max": max(ranks) if ranks else 0,
+            "rank_mean": (sum(ranks) / len(ranks)) if ranks else 0.0,
+            "rel_error_max": max(errs) if errs else 0.0,
+            "rel_error_mean": (sum(errs) / len(errs)) if errs else 0.0,
+        },
+        "diagnostics": summarize(records, names, weights),
+        "modules": records,
+        "skipped": skipped,
+    }
+
+
+def analyze(loras, weights: Optional[Sequence[float]] = None, orthogonalize_params: Optional[Dict[str, Any]] = None,
+            device: str = "auto", compute_dtype: torch.dtype = torch.float32, spectrum: bool = True,
+            per_module: bool = False) -> Dict[str, Any]:
+    """Diagnostics of a set of LoRAs (objects or paths) without merging: norms, magnitude
+    variance, cosines before/after the orthogonalization (``orthogonalize_params``: ``orth_*`` and
+    ``balanced`` values; default ``do``'s), ‖δ‖ ratios, ranks and truncation energy."""
+    from .devices import resolve_device
+    from .linalg import exact_svd, frob_norm
+    from .merge import _check_weights, _load_inputs, _load_stack, batch_jobs, plan_modules, prepare_batch
+    from .methods import get_method
+
+    loras = _load_inputs(loras)
+    w = _check_weights(weights, len(loras))
+    dev = resolve_device(device)
+    p = get_method("do").resolve(orthogonalize_params or {})
+    p["orthogonalize"] = True
+    jobs = plan_modules(loras, w)
+    elem = torch.empty((), dtype=compute_dtype).element_size()
+    records: Dict[str, Dict[str, Any]] = {}
+    kept_at_rmax: List[float] = []
+    rank99: List[int] = []
+    for batch in batch_jobs(jobs, elem, dense=False):
+        idx = [i for i, _ in batch[0].active]
+        ranks = [mod.rank for _, mod in batch[0].active]
+        if len(idx) < 2:
+            B, A, _ = _load_stack(batch, compute_dtype, dev)
+            nrm = frob_norm(B, A).tolist()
+            for j, job in enumerate(batch):
+                records[job.key] = {"inputs": idx, "ranks": ranks, "norms": [nrm[j]], "norms_after": [nrm[j]],
+                                    "cos_before": [[1.0]], "cos_after": [[1.0]],
+                                    "rel_delta_A": [0.0], "rel_delta_B": [0.0]}
+            continue
+        pre = prepare_batch(batch, p, compute_dtype, dev)
+        stats = {k: pre[k].tolist() for k in ("cos_before", "cos_after", "rel_delta_A", "rel_delta_B",
+                                               "norms", "norms_after")}
+        if spectrum:
+            # exact spectrum of the task-arithmetic merge at the given strengths (original factors)
+            B, A, _ = _load_stack(batch, compute_dtype, dev)
+            wv = torch.cat([torch.full((r,), w[i], dtype=compute_dtype, device=dev) for i, r in zip(idx, ranks)])
+            _, S, _ = exact_svd(B * wv, A)
+            e2 = S.double() ** 2
+            tot = e2.sum(-1).clamp_min(1e-300)
+            cum = torch.cumsum(e2, -1) / tot.unsqueeze(-1)
+            rmax = max(ranks)
+            kept = cum[..., min(rmax, S.shape[-1]) - 1].tolist()
+            r99 = ((cum < 0.99).sum(-1) + 1).tolist()
+        for j, job in enumerate(batch):
+            rec = {"inputs": idx, "ranks": ranks, **{k: v[j] for k, v in stats.items()}}
+            if spectrum:
+                rec["energy_kept_at_max_rank"] = kept[j]
+                rec["rank_for_99pct_energy"] = int(r99[j])
+                kept_at_rmax.append(kept[j])
+                rank99.append(int(r99[j]))
+            records[job.key] = rec
+    names = [_lora_name(l, i) for i, l in enumerate(loras)]
+    out = summarize(records, names, w)
+    for i, l in enumerate(loras):
+        rk = [m.rank for m in l]
+        out["loras"][i].update({"modules": len(l), "rank_min": min(rk) if rk else 0,
+                                "rank_max": max(rk) if rk else 0, "format": l.format,
+                                "base_model": l.base_model})
+    out["orthogonalize_params"] = {k: p[k] for k in ("orth_steps", "orth_lr", "orth_gamma", "orth_optimizer",
+                                                     "balanced")}
+    out["modules_total"] = len(jobs)
+    out["modules_shared"] = sum(1 for j in jobs if len(j.active) >= 2)
+    if spectrum and kept_at_rmax:
+        out["truncation"] = {
+            "energy_kept_at_max_rank_mean": sum(kept_at_rmax) / len(kept_at_rmax),
+            "energy_kept_at_max_rank_min": min(kept_at_rmax),
+            "rank_for_99pct_energy_mean": sum(rank99) / len(rank99),
+            "rank_for_99pct_energy_max": max(rank99),
+        }
+    if per_module:
+        out["modules"] = records
+    return out

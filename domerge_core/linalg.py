@@ -1,0 +1,159 @@
+"""Low-rank algebra on factor pairs, never building the m×n update.
+
+Every function takes batched factors: ``B`` (..., m, R) ("up") and ``A`` (..., R, n) ("down"),
+whose product ``B @ A`` is the update; leading dimensions batch modules of equal shape.
+
+- `exact_svd`: the exact thin SVD of ``B @ A`` through QR of both factors and an R×R core SVD
+  (``O((m+n)R² + R³)``; `research/lora_formats.md` §2.2).
+- `truncate`: the best rank-k factorisation of ``B @ A`` (by rank or kept energy), with the exact
+  relative Frobenius error ``sqrt(Σ_{j>k} σ_j² / Σ_j σ_j²)``.
+- `balanced`: ``U√S``, ``√S Vᵀ`` — a gauge-free factorisation (method.md §0).
+- `block_inner_products`: the T×T matrix ``⟨B_iA_i, B_jA_j⟩_F`` from r×r Grams (§2.3).
+- `col_norms`: column norms of ``B @ A`` from ``BᵀB`` (§2.4).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def mT(x: Tensor) -> Tensor:
+    return x.transpose(-1, -2)
+
+
+def _qr(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Reduced QR; MPS has no QR kernel, so it runs on CPU there."""
+    if x.device.type == "mps":
+        q, r = torch.linalg.qr(x.cpu())
+        return q.to(x.device), r.to(x.device)
+    return torch.linalg.qr(x)
+
+
+def _svd(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    if x.device.type == "mps":
+        u, s, vh = torch.linalg.svd(x.cpu(), full_matrices=False)
+        return u.to(x.device), s.to(x.device), vh.to(x.device)
+    return torch.linalg.svd(x, full_matrices=False)
+
+
+def span_qr(B: Tensor, A: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``B = Qb Rb`` and ``Aᵀ = Qa Ra``: orthonormal bases of the column span of B and the row span of A.
+
+    Returns (Qb (…,m,kb), Rb (…,kb,R), Qa (…,n,ka), Ra (…,ka,R)) with kb = min(m,R), ka = min(n,R).
+    """
+    Qb, Rb = _qr(B)
+    Qa, Ra = _qr(mT(A))
+    return Qb, Rb, Qa, Ra
+
+
+def exact_svd(B: Tensor, A: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``U diag(S) Vh = B @ A`` (exact up to rounding), descending S."""
+    Qb, Rb, Qa, Ra = span_qr(B, A)
+    Uc, S, Vhc = _svd(Rb @ mT(Ra))
+    return Qb @ Uc, S, Vhc @ mT(Qa)
+
+
+def choose_rank(S: Tensor, rank: Optional[int] = None, energy: Optional[float] = None) -> Tensor:
+    """Per-module kept rank (…,) from singular values S (…,k): ``rank`` caps it, ``energy`` keeps the
+    smallest k whose Σσ² reaches that fraction. At least 1, at most len(S)."""
+    k_all = S.shape[-1]
+    ks = torch.full(S.shape[:-1], k_all, dtype=torch.long, device=S.device)
+    if energy is not None:
+        e2 = S.double() ** 2
+        total = e2.sum(-1, keepdim=True)
+        frac = torch.cumsum(e2, -1) / total.clamp_min(1e-300)
+        # number of leading values needed: count of cum-fractions strictly below target, plus one
+        need = (frac < (float(energy) - 1e-12)).sum(-1) + 1
+        ks = torch.minimum(ks, need)
+    if rank is not None:
+        ks = ks.clamp(max=int(rank))
+    return ks.clamp(min=1, max=k_all)
+
+
+def relative_tail_error(S: Tensor, ks: Tensor, total_sq: Optional[Tensor] = None) -> Tensor:
+    """``sqrt(Σ_{j>k} σ_j² / total)`` per module; total defaults to Σ_j σ_j² (all of S)."""
+    e2 = S.double() ** 2
+    idx = torch.arange(S.shape[-1], device=S.device)
+    kept = (e2 * (idx < ks.unsqueeze(-1))).sum(-1)
+    if total_sq is None:
+        total_sq = e2.sum(-1)
+    total_sq = total_sq.double()
+    tail = (total_sq - kept).clamp_min(0)
+    return torch.where(total_sq > 0, (tail / total_sq.clamp_min(1e-300)).sqrt(), torch.zeros_like(tail))
+
+
+def split_sqrt(U: Tensor, S: Tensor, Vh: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Factors ``(U_k √S_k, √S_k Vh_k)`` — the balanced rank-k factorisation."""
+    rs = S[..., :k].clamp_min(0).sqrt()
+    return U[..., :k] * rs.unsqueeze(-2), rs.unsqueeze(-1) * Vh[..., :k, :]
+
+
+def truncate(B: Tensor, A: Tensor, rank: Optional[int] = None, energy: Optional[float] = None
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Best factorisation of ``B @ A`` at the requested rank / energy (Eckart–Young, exact).
+
+    Returns (up (…,m,kmax), down (…,kmax,n), ranks (…,), rel_err (…,) float64). In a batch the
+    modules may keep different ranks (energy): columns past a module's own rank are zero, and the
+    caller slices ``[..., :ranks[i]]``.
+    """
+    U, S, Vh = exact_svd(B, A)
+    ks = choose_rank(S, rank, energy)
+    kmax = int(ks.max()) if ks.numel() else 1
+    up, down = split_sqrt(U, S, Vh, kmax)
+    if ks.numel() and int(ks.min()) < kmax:
+        keep = (torch.arange(kmax, device=S.device) < ks.unsqueeze(-1)).to(up.dtype)
+        up = up * keep.unsqueeze(-2)
+        down = down * keep.unsqueeze(-1)
+    return up, down, ks, relative_tail_error(S, ks)
+
+
+def balanced(B: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(U√S, √S Vᵀ)`` of ``B @ A`` keeping the input rank (when r ≤ min(m, n)).
+
+    The result does not depend on how a trainer split scale between up and down (``B g``, ``A/g``)
+    nor on any invertible r×r gauge."""
+    U, S, Vh = exact_svd(B, A)
+    return split_sqrt(U, S, Vh, S.shape[-1])
+
+
+def block_indicator(ranks: Sequence[int], device=None, dtype=torch.float32) -> Tensor:
+    """E (R×T) with ``E[k, i] = 1`` when row k of the stacked factors belongs to input i."""
+    R = sum(ranks)
+    E = torch.zeros(R, len(ranks), device=device, dtype=dtype)
+    o = 0
+    for i, r in enumerate(ranks):
+        E[o:o + r, i] = 1
+        o += r
+    return E
+
+
+def block_inner_products_from_grams(GB: Tensor, GA: Tensor, ranks: Sequence[int]) -> Tensor:
+    """``K_ij = ⟨B_iA_i, B_jA_j⟩_F = Σ (BᵢᵀBⱼ) ⊙ (AᵢAⱼᵀ)`` from the stacked Grams ``BᵀB``, ``AAᵀ`` (…,R,R)."""
+    E = block_indicator(ranks, GB.device, GB.dtype)
+    return mT(E) @ (GB * GA) @ E
+
+
+def block_inner_products(B: Tensor, A: Tensor, ranks: Sequence[int]) -> Tensor:
+    """T×T inner products of the per-input updates of stacked factors (…,m,R), (…,R,n)."""
+    return block_inner_products_from_grams(mT(B) @ B, A @ mT(A), ranks)
+
+
+def cosine_from_inner(K: Tensor, eps: float = 0.0) -> Tensor:
+    """Cosine matrix from a Gram/inner-product matrix (zero where a norm is zero)."""
+    d = torch.diagonal(K, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    den = d.unsqueeze(-1) * d.unsqueeze(-2)
+    return torch.where(den > eps, K / den.clamp_min(1e-300), torch.zeros_like(K))
+
+
+def col_norms(B: Tensor, A: Tensor) -> Tensor:
+    """Column norms of ``B @ A`` (…, n): ``‖(BA)[:,k]‖² = a_kᵀ (BᵀB) a_k``."""
+    sq = ((mT(B) @ B @ A) * A).sum(-2)
+    return sq.clamp_min(0).sqrt()
+
+
+def frob_norm(B: Tensor, A: Tensor) -> Tensor:
+    """``‖B A‖_F`` from the r×r Grams."""
+    return ((mT(B) @ B) * (A @ mT(A))).sum((-1, -2)).clamp_min(0).sqrt()

@@ -1,0 +1,262 @@
+"""The merge door: alignment, truncation, determinism, progress/cancel, cache, files, decouple."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from domerge_core.cache import MergeCache
+from domerge_core.errors import IncompatibleLorasError, InvalidParameterError, MergeCancelled
+from domerge_core.lora import Lora, LoraModule
+from domerge_core.merge import MergeResult, merge
+
+torch.set_num_threads(1)
+
+LIN = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+LIN2 = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
+CONV = "unet.down_blocks.0.resnets.0.conv1"
+TE = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+SHAPES = {LIN: (40, 32, None), LIN2: (40, 32, None), CONV: (16, 8 * 9, (3, 3)), TE: (24, 24, None)}
+ALL = ["ta", "do", "ties", "dare", "dare_ties"]
+
+
+def make(T=3, seed=0, keys=None, scales=None, corr=0.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    common = {k: (torch.randn(m, 6, generator=g), torch.randn(6, n, generator=g)) for k, (m, n, _) in SHAPES.items()}
+    out = []
+    for i in range(T):
+        mods = {}
+        for k, (m, n, ks) in SHAPES.items():
+            if keys is not None and k not in keys[i]:
+                continue
+            r = 3 + i
+            up = (1 - corr) * torch.randn(m, r, generator=g) + corr * common[k][0][:, :r]
+            down = ((1 - corr) * torch.randn(r, n, generator=g) + corr * common[k][1][:r]) / math.sqrt(n)
+            up = up * (scales or [1.0] * T)[i]
+            if ks:
+                up, down = up.reshape(m, r, 1, 1), down.reshape(r, n // 9, 3, 3)
+            mods[k] = LoraModule.from_tensors(k, up.to(dtype), down.to(dtype), 2.0 / r)
+        out.append(Lora(mods, "kohya", source=f"in{i}.safetensors", dtype=dtype, layout={"unet_names": "sgm"}))
+    return out
+
+
+def d64(mod):
+    up, down = mod.factors(torch.float64)
+    return mod.scale * up @ down
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_result_shape_and_report():
+    loras = make()
+    res = merge(loras, "do", device="cpu")
+    assert isinstance(res, MergeResult)
+    assert res.lora.format == "merged" and res.lora.layout["unet_names"] == "sgm"
+    assert list(res.lora.modules) == list(SHAPES)
+    for k, m in res.lora.modules.items():
+        assert m.scale == 1.0 and m.key == k
+        assert m.rank == sum(l[k].rank for l in loras)
+    assert res.lora[CONV].kind == "conv" and res.lora[CONV].kernel_size == (3, 3)
+    assert res.weights == [1.0, 1.0, 1.0] and res.params["decouple"] and res.params["orthogonalize"]
+    rep = json.loads(json.dumps(res.report))
+    assert rep["summary"]["modules"] == 4
+    assert set(rep["modules"][LIN]) >= {"rank", "rel_error", "cos_before", "cos_after", "rel_delta_A", "rel_delta_B"}
+    assert rep["diagnostics"]["mean_abs_cos_after"] <= rep["diagnostics"]["mean_abs_cos_before"]
+
+
+def test_module_missing_from_some_loras_is_merged_over_those_that_have_it():
+    keys = [set(SHAPES), {LIN, CONV, TE}, {LIN, TE}]
+    loras = make(keys=keys)
+    w = [0.7, 1.2, 0.9]
+    for method in ("ta", "do"):
+        res = merge(loras, method, weights=w, device="cpu")
+        assert set(res.lora.modules) == set(SHAPES)
+        # LIN2 only in input 0: λ·w·ΔW
+        assert rel(d64(res.lora[LIN2]), 0.7 * d64(loras[0][LIN2])) < 1e-6
+        # CONV in inputs 0 and 1: the same as merging those two alone
+        pair = merge(loras[:2], method, weights=w[:2], device="cpu")
+        assert rel(d64(res.lora[CONV]), d64(pair.lora[CONV])) < 1e-6
+        assert res.report["modules"][CONV]["inputs"] == [0, 1]
+
+
+def test_all_zero_strength_module_is_left_out():
+    loras = make(T=2, keys=[{LIN}, {LIN, TE}])
+    res = merge(loras, "ta", weights=[1.0, 0.0], device="cpu")
+    assert set(res.lora.modules) == {LIN}
+    assert res.report["skipped"] == [TE]
+
+
+def test_errors_name_file_and_key():
+    a = make(T=1)[0]
+    bad = LoraModule.from_tensors(LIN, torch.randn(41, 3), torch.randn(3, 32), 1.0)
+    b = Lora({LIN: bad}, "kohya", source="other.safetensors")
+    with pytest.raises(IncompatibleLorasError) as e:
+        merge([a, b], "ta", device="cpu")
+    assert "other.safetensors" in str(e.value) and LIN in str(e.value)
+    with pytest.raises(InvalidParameterError):
+        merge([a, a], "ta", weights=[1.0], device="cpu")
+    with pytest.raises(InvalidParameterError):
+        merge([a, a], "nope", device="cpu")
+    with pytest.raises(InvalidParameterError):
+        merge([a, a], "ties", {"density": 2.0}, device="cpu")
+    with pytest.raises(InvalidParameterError):
+        merge([a, a], "ta", {"drop_rate": 0.1}, device="cpu")
+    with pytest.raises(InvalidParameterError):
+        merge([a, a], "ta", rank=0, device="cpu")
+    with pytest.raises(InvalidParameterError):
+        merge([a, a], "ta", energy=1.5, device="cpu")
+
+
+@pytest.mark.parametrize("method", ["ta", "do"])
+@pytest.mark.parametrize("k", [1, 5, 9])
+def test_rank_truncation_error_is_tail_energy_of_dense_reference(method, k):
+    loras = make(corr=0.3)
+    w = [1.0, 0.5, -0.8]
+    exact = merge(loras, method, weights=w, device="cpu", compute_dtype=torch.float64)
+    trunc = merge(loras, method, weights=w, device="cpu", rank=k)
+    for key in SHAPES:
+        D = d64(exact.lora[key]) if method == "do" else sum(wi * d64(l[key]) for wi, l in zip(w, loras))
+        S = torch.linalg.svdvals(D)
+        tail = math.sqrt(float((S[k:] ** 2).sum() / (S ** 2).sum()))
+        got = trunc.lora[key]
+        assert got.rank == min(k, len(S))
+        assert abs(rel(d64(got), D) - tail) < 1e-4 * max(tail, 1e-3) + 1e-6, (key, rel(d64(got), D), tail)
+        assert abs(trunc.report["modules"][key]["rel_error"] - tail) < 1e-4 * max(tail, 1e-3) + 1e-6
+
+
+def test_energy_truncation():
+    loras = make(corr=0.2)
+    res = merge(loras, "ta", energy=0.95, device="cpu")
+    for key in SHAPES:
+        D = sum(d64(l[key]) for l in loras)
+        S = torch.linalg.svdvals(D)
+        frac = torch.cumsum(S ** 2, 0) / (S ** 2).sum()
+        k = int((frac < 0.95).sum()) + 1
+        assert res.lora[key].rank == k
+        assert res.report["modules"][key]["rel_error"] <= math.sqrt(0.05) + 1e-6
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_dense_methods_truncate_with_exact_reported_error(method):
+    loras = make(corr=0.3)
+    full = merge(loras, method, device="cpu", rank=10 ** 6, seed=2)
+    trunc = merge(loras, method, device="cpu", rank=4, seed=2)
+    for key in SHAPES:
+        D = d64(full.lora[key])
+        S = torch.linalg.svdvals(D)
+        tail = math.sqrt(float((S[4:] ** 2).sum() / (S ** 2).sum()))
+        actual = rel(d64(trunc.lora[key]), D)
+        assert abs(trunc.report["modules"][key]["rel_error"] - actual) < 1e-5
+        assert actual < tail + 1e-4           # (near) optimal rank-4 approximation
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_deterministic_bit_identical(method):
+    loras = make(corr=0.3)
+    a = merge(loras, method, device="cpu", seed=5)
+    b = merge(loras, method, device="cpu", seed=5)
+    for key in SHAPES:
+        ua, da = a.lora[key].factors()
+        ub, db = b.lora[key].factors()
+        assert torch.equal(ua, ub) and torch.equal(da, db)
+    if method.startswith("dare"):
+        c = merge(loras, method, device="cpu", seed=6)
+        assert not torch.equal(c.lora[LIN].factors()[1], a.lora[LIN].factors()[1])
+
+
+def test_saved_files_are_bit_identical_and_round_trip(tmp_path):
+    from domerge_core.formats import load_lora, save_lora
+    loras = make(T=2, dtype=torch.float16)
+    paths = []
+    for i, l in enumerate(loras):
+        paths.append(save_lora(l, str(tmp_path / f"in{i}.safetensors"), format="kohya"))
+    res = merge(paths, "do", device="cpu")                       # file paths as inputs
+    mem = merge([load_lora(p) for p in paths], "do", device="cpu")
+    o1 = res.save(str(tmp_path / "o1.safetensors"))
+    o2 = mem.save(str(tmp_path / "o2.safetensors"))
+    # identical tensors and metadata (byte order of the metadata map is the writer's business:
+    # safetensors serialises it from a hash map)
+    from safetensors import safe_open
+    with safe_open(o1, "pt") as f1, safe_open(o2, "pt") as f2:
+        assert f1.metadata() == f2.metadata()
+        assert sorted(f1.keys()) == sorted(f2.keys())
+        for k in f1.keys():
+            assert torch.equal(f1.get_tensor(k), f2.get_tensor(k))
+    back = load_lora(o1)
+    for key in SHAPES:
+        assert rel(d64(back[key]), d64(res.lora[key])) < 2e-3      # written in fp16 (the inputs' dtype)
+    from domerge_core.errors import OutputExistsError
+    with pytest.raises(OutputExistsError):
+        res.save(o1)
+    sd, md = res.state_dict(format="peft")
+    assert any(k.endswith("lora_A.weight") for k in sd) and "domerge" in md
+
+
+def test_progress_stages_and_cancellation():
+    loras = make(corr=0.3)
+    seen = []
+    merge(loras, "do", device="cpu", rank=4, progress=lambda d, t, s: seen.append((d, t, s)))
+    stages = {s for _, _, s in seen}
+    assert stages == {"orthogonalize", "merge", "truncate"}
+    for st in stages:
+        done = [d for d, _, s in seen if s == st]
+        assert done == list(range(1, len(SHAPES) + 1))
+    assert all(t == len(SHAPES) for _, t, _ in seen)
+
+    calls = []
+
+    def cancel(done, total, stage):
+        calls.append(stage)
+        if len(calls) == 2:
+            raise MergeCancelled("cancelled by user")
+
+    with pytest.raises(MergeCancelled):
+        merge(loras, "ta", device="cpu", progress=cancel)
+
+
+@pytest.mark.parametrize("method", ["do", "ties"])
+def test_cache_reuse_matches_fresh_merge(method):
+    loras = make(corr=0.4)
+    cache = MergeCache()
+    params = {"orthogonalize": True, "decouple": True}
+    merge(loras, method, params, weights=[1.0, 1.0, 1.0], device="cpu", cache=cache)
+    misses = cache.misses
+    for w, extra in (([0.3, 2.0, -1.0], {}), ([1.0, 0.5, 0.5], {"lam": 0.7, "recombine": "v2"})):
+        p = {**params, **extra}
+        cached = merge(loras, method, p, weights=w, device="cpu", cache=cache)
+        fresh = merge(loras, method, p, weights=w, device="cpu")
+        for key in SHAPES:
+            for x, y in zip(cached.lora[key].factors(), fresh.lora[key].factors()):
+                assert torch.equal(x, y)
+    assert cache.misses == misses and cache.hits > 0
+    merge(loras, method, {**params, "orth_gamma": 2.0}, device="cpu", cache=cache)
+    assert cache.misses > misses          # new orthogonalization options: a new descent
+
+
+def test_decouple_stops_a_x10_lora_from_dominating():
+    """Measured: cosine of the merged update with each input's update."""
+    loras = make(corr=0.0, scales=[10.0, 1.0, 1.0], seed=3)
+
+    def cosines(res):
+        out = []
+        for l in loras:
+            num = den_a = den_b = 0.0
+            for key in SHAPES:
+                a, b = d64(res.lora[key]), d64(l[key])
+                num += float((a * b).sum())
+                den_a += float((a * a).sum())
+                den_b += float((b * b).sum())
+            out.append(num / math.sqrt(den_a * den_b))
+        return out
+
+    ta = cosines(merge(loras, "ta", device="cpu"))
+    do = cosines(merge(loras, "do", device="cpu"))
+    dec = cosines(merge(loras, "ta", {"decouple": True}, device="cpu"))
+    assert ta[0] > 0.95 and max(ta[1:]) < 0.2                 # task arithmetic: the ×10 LoRA dominates
+    for c in (do, dec):
+        assert min(c) / max(c) > 0.7, c                        # decoupled: every LoRA is represented
+        assert c[0] < 0.8
