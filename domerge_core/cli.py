@@ -270,20 +270,38 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _print_param(p) -> None:
+    rng = ""
+    if p.type == "choice":
+        rng = " {" + ",".join(p.choices) + "}"
+    elif p.min is not None or p.max is not None:
+        rng = f" [{p.min}, {p.max}]"
+    print(f"    {_flag(p.name):<22s} default {p.default!s:<14s}{rng}")
+    if p.help:
+        print(f"        {p.help}")
+
+
 def cmd_methods(args) -> int:
     import domerge_core as dc
 
+    shared = None
     for spec in dc.list_methods():
         print(f"{spec.name:<10s} {spec.label}" + ("  [exact low rank]" if spec.lowrank else ""))
         if spec.description:
             print(f"           {spec.description}")
-        for p in spec.all_params():
-            rng = ""
-            if p.type == "choice":
-                rng = " {" + ",".join(p.choices) + "}"
-            elif p.min is not None or p.max is not None:
-                rng = f" [{p.min}, {p.max}]"
-            print(f"    {_flag(p.name):<24s} default {p.default!s:<8s}{rng}  {p.help}")
+        own = {p.name for p in spec.params}
+        for p in spec.params:
+            _print_param(p)
+        plug = [p for p in spec.all_params() if p.name not in own]
+        if spec.defaults_override:
+            print("    plug-in defaults: " + ", ".join(f"{k}={v}" for k, v in spec.defaults_override.items()))
+        shared = plug if shared is None else shared
+        print()
+    if shared:
+        print("plug-ins (every method): decouple and orthogonalize, and their options")
+        base = {p.name: p.default for p in dc.get_method("ta").all_params()}
+        for p in shared:
+            _print_param(type(p)(**{**p.__dict__, "default": base.get(p.name, p.default)}))
     return 0
 
 
@@ -373,6 +391,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted; nothing was written")
         return 130
+    except BrokenPipeError:  # `domerge methods | head`: the reader left, nothing to report
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except OSError as e:
         if debug:
             raise
