@@ -24,7 +24,7 @@ _PUBLIC = {
     # methods and merging
     "Param": "methods.registry", "MethodSpec": "methods.registry", "get_method": "methods",
     "list_methods": "methods", "method_names": "methods",
-    "merge": "merge", "MergeResult": "merge", "MergeCache": "cache",
+    "merge": "merging", "MergeResult": "merging", "MergeCache": "cache",
     "analyze": "diagnostics", "resolve_device": "devices",
     "ProgressFn": "progress",
 }

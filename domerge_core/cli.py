@@ -28,7 +28,14 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the signal te
 
 # ----------------------------------------------------------------------------- output helpers
 
+_open_bar_line = False   # a progress bar left the cursor mid-line on stderr
+
+
 def _err(msg: str) -> None:
+    global _open_bar_line
+    if _open_bar_line:
+        sys.stderr.write("\n")
+        _open_bar_line = False
     print(f"error: {msg}", file=sys.stderr)
 
 
@@ -50,8 +57,10 @@ class ProgressBar:
         width = 30
         frac = done / total if total else 1.0
         bar = "#" * int(frac * width)
+        global _open_bar_line
         sys.stderr.write(f"\r{stage:>14s} [{bar:<{width}s}] {done}/{total}")
-        if done >= total:
+        _open_bar_line = done < total
+        if not _open_bar_line:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
@@ -63,30 +72,7 @@ def _torch_dtype(name: Optional[str]):
     return getattr(torch, DTYPES[name])
 
 
-def _fmt_num(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
-
-
 # ----------------------------------------------------------------------------- inspect
-
-def _print_description(d: Dict[str, Any]) -> None:
-    print(f"{d.get('file', '?')}")
-    order = ["format", "base_model", "modules", "ranks", "alphas", "scales", "dtype", "parameters",
-             "components", "kinds"]
-    keys = [k for k in order if k in d] + [k for k in d if k not in order and k != "file"]
-    for k in keys:
-        v = d[k]
-        if k == "parameters" and isinstance(v, (int, float)):
-            v = f"{v} ({_fmt_num(v)})"
-        elif isinstance(v, dict):
-            v = ", ".join(f"{a}: {b}" for a, b in v.items())
-        elif isinstance(v, (list, tuple)):
-            v = ", ".join(map(str, v))
-        print(f"  {k:<12s} {v}")
-
 
 def _print_matrix(title: str, names: Sequence[str], mat: Sequence[Sequence[float]]) -> None:
     print(title)
@@ -114,14 +100,13 @@ def _print_analysis(a: Dict[str, Any], names: Sequence[str]) -> None:
 def cmd_inspect(args) -> int:
     import domerge_core as dc
 
-    loras = [dc.load_lora(p) for p in args.files]
-    descs = []
-    for lora in loras:
-        d = dict(dc.describe(lora))
-        d.setdefault("file", lora.source)
-        descs.append(d)
+    from .inspect import format_description
+
+    # describe() reads headers only (no torch import): fast even on a 1 GB file.
+    descs = [dict(dc.describe(p)) for p in args.files]
     analysis = None
-    if len(loras) >= 2 and not args.no_analysis:
+    if len(args.files) >= 2 and not args.no_analysis:
+        loras = [dc.load_lora(p) for p in args.files]
         dc.check_compatible(loras)
         analysis = dc.analyze(loras, device=args.device)
     if args.json:
@@ -131,7 +116,7 @@ def cmd_inspect(args) -> int:
         print(json.dumps(out, indent=2, default=str))
         return 0
     for d in descs:
-        _print_description(d)
+        print(format_description(d))
     if analysis is not None:
         _print_analysis(analysis, [os.path.basename(p) for p in args.files])
     return 0
@@ -307,7 +292,8 @@ def cmd_methods(args) -> int:
 
 # ----------------------------------------------------------------------------- parser
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(method_params: bool = True) -> argparse.ArgumentParser:
+    """``method_params=False`` skips the registry (and so the torch import) for other commands."""
     from . import __version__
 
     ap = argparse.ArgumentParser(prog="domerge", description="Merge LoRAs with DO-Merging "
@@ -349,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, metavar="FILE.json", help="write the diagnostics as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and the report) if they exist")
     p.add_argument("-q", "--quiet", action="store_true")
-    _add_method_params(p)
+    if method_params:
+        _add_method_params(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="run a merge on an embedded example and explain what it shows")
@@ -370,7 +357,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError:  # not the main thread
         pass
     try:
-        ap = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        ap = build_parser(method_params="merge" in argv)
         args = ap.parse_args(argv)
         if getattr(args, "rank", None) is not None and args.rank < 1:
             return _usage_error("--rank must be at least 1")

@@ -169,7 +169,7 @@ def analyze(loras, weights: Optional[Sequence[float]] = None, orthogonalize_para
     ``balanced`` values; default ``do``'s), ‖δ‖ ratios, ranks and truncation energy."""
     from .devices import resolve_device
     from .linalg import exact_svd, frob_norm
-    from .merge import _check_weights, _load_inputs, _load_stack, batch_jobs, plan_modules, prepare_batch
+    from .merging import _check_weights, _load_inputs, _load_stack, batch_jobs, plan_modules, prepare_batch
     from .methods import get_method
 
     loras = _load_inputs(loras)

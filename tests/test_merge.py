@@ -10,7 +10,7 @@ import torch
 from domerge_core.cache import MergeCache
 from domerge_core.errors import IncompatibleLorasError, InvalidParameterError, MergeCancelled
 from domerge_core.lora import Lora, LoraModule
-from domerge_core.merge import MergeResult, merge
+from domerge_core.merging import MergeResult, merge
 
 torch.set_num_threads(1)
 

@@ -1,10 +1,96 @@
 """Readers and writers for LoRA files (safetensors only — nothing is ever unpickled).
 
-STUB — the core I/O work (issue 2) implements these; their signatures are the contract.
-
-- ``load_lora(path, *, adapter_config=None) -> Lora``: detect the format, read lazily.
-- ``load_state_dict(sd, *, source="<state dict>", metadata=None) -> Lora``: same, from tensors.
+- ``load_lora(path, *, adapter_config=None) -> Lora``: detect the format, read lazily (header now,
+  factors when a module's loader is called). ``adapter_config``: a PEFT ``adapter_config.json`` path or
+  dict; by default an ``adapter_config.json`` beside a PEFT/diffusers file is used.
+- ``load_state_dict(sd, *, source="<state dict>", metadata=None, adapter_config=None) -> Lora``.
 - ``to_state_dict(lora, format, *, dtype=None, metadata=None) -> (dict, metadata)``.
-- ``save_lora(lora, path, *, format="kohya", dtype=None, metadata=None, overwrite=False) -> str``.
-- ``FORMATS``: the writable layouts: ("kohya", "diffusers", "peft").
+- ``save_lora(lora, path, *, format="kohya", dtype=None, metadata=None, overwrite=False, inputs=()) -> str``:
+  atomic; refuses to replace an existing file unless ``overwrite``, and never writes over an input.
+- ``default_format(lora)``, ``FORMATS``: the writable layouts ("kohya", "diffusers", "peft").
+
+Read: kohya/A1111/LyCORIS LoRA+LoCon (Tucker ``lora_mid`` folded), diffusers/PEFT (``lora_A/lora_B``,
+``lora_adapter_metadata``, ``adapter_config.json``, rank/alpha patterns, rsLoRA), generic PEFT
+(``base_model.model.``), ComfyUI (``diffusion_model.``, ``text_encoders.``), old diffusers
+attention processors. Refused with :class:`UnsupportedFormatError`: LoHa, LoKr, OFT, DoRA, diffs, ...
 """
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Union
+
+from ..errors import LoraFormatError
+from .plan import read_adapter_config
+from .writers import FORMATS, default_format, to_state_dict
+
+if TYPE_CHECKING:  # torch is imported by the functions that make tensors (``import domerge_core`` stays light)
+    import torch
+
+    from ..lora import Lora
+
+__all__ = ["load_lora", "load_state_dict", "to_state_dict", "save_lora", "default_format", "FORMATS"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+
+
+def _uses_ab(keys: Iterable[str]) -> bool:
+    return any(".lora_A" in k or ".lora_B" in k for k in keys)
+
+
+def load_lora(path: PathLike, *, adapter_config: Union[None, PathLike, Mapping[str, Any]] = None) -> Lora:
+    """Read a LoRA file lazily. Errors (:class:`LoraFormatError` and subclasses) name the file and key."""
+    from ..io import LazyFile, read_header
+    from .reader import TensorSource, build_lora
+
+    path = os.fspath(path)
+    if os.path.isdir(path):     # a PEFT save_pretrained / diffusers save_lora_weights folder
+        found = [os.path.join(path, n) for n in ADAPTER_FILES if os.path.isfile(os.path.join(path, n))]
+        if len(found) != 1:
+            raise LoraFormatError("is a folder; give the .safetensors file itself" if not found else
+                                  f"is a folder with several LoRA files ({', '.join(map(os.path.basename, found))}); "
+                                  f"give one of them", file=path)
+        path = found[0]
+    header = read_header(path)
+    lazy = LazyFile(path)
+    src = TensorSource(path, {k: t.shape for k, t in header.tensors.items()},
+                       {k: t.dtype for k, t in header.tensors.items()}, lazy.get)
+    cfg = read_adapter_config(adapter_config)
+    if cfg is None and _uses_ab(header.tensors) and "lora_adapter_metadata" not in header.metadata:
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
+        if os.path.isfile(beside):
+            cfg = read_adapter_config(beside)
+    return build_lora(src, header.metadata, adapter_config=cfg)
+
+
+def load_state_dict(sd: Mapping[str, torch.Tensor], *, source: str = "<state dict>",
+                    metadata: Optional[Mapping[str, str]] = None,
+                    adapter_config: Union[None, PathLike, Mapping[str, Any]] = None) -> Lora:
+    """The same as :func:`load_lora` over in-memory tensors (e.g. ComfyUI's LORA_MODEL dict)."""
+    import torch
+
+    from .reader import DTYPE_NAMES, TensorSource, build_lora
+
+    tensors: Dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise LoraFormatError(f"value is a {type(v).__name__}, not a tensor", file=source, key=str(k))
+        tensors[str(k)] = v
+    dtypes = {k: DTYPE_NAMES.get(v.dtype, str(v.dtype)) for k, v in tensors.items()}
+    src = TensorSource(source, {k: tuple(v.shape) for k, v in tensors.items()}, dtypes,
+                       lambda k: tensors[k].detach())
+    return build_lora(src, metadata, adapter_config=read_adapter_config(adapter_config))
+
+
+def save_lora(lora: Lora, path: PathLike, *, format: Optional[str] = "kohya", dtype: Optional[torch.dtype] = None,
+              metadata: Optional[Dict[str, str]] = None, overwrite: bool = False,
+              inputs: Iterable[str] = ()) -> str:
+    """Write atomically in ``format`` (None: :func:`default_format`). Refuses an existing ``path``
+    unless ``overwrite`` and always refuses ``path`` == the LoRA's own source or any of ``inputs``."""
+    from ..io import check_output_path, save_safetensors
+
+    path = os.fspath(path)
+    srcs = [lora.source, *inputs]
+    check_output_path(path, overwrite=overwrite, inputs=srcs)     # fail before computing anything
+    tensors, md = to_state_dict(lora, format, dtype=dtype, metadata=metadata)
+    return save_safetensors(tensors, path, md, overwrite=overwrite, inputs=srcs)

@@ -1,0 +1,307 @@
+"""One key space for every format: canonical keys ``<component>.<diffusers module path>``.
+
+- kohya names (``lora_unet_down_blocks_0_…``) lose their dots; :func:`kohya_path` puts them back
+  with a vocabulary of the identifiers that contain underscores (``down_blocks``, ``to_q``, ``q_proj``…).
+- SDXL kohya files name the UNet in SGM/LDM layout (``input_blocks.4.1.…``); :func:`sgm_to_diffusers`
+  maps them to diffusers paths and :func:`diffusers_to_sgm` back (writers keep the first input's naming).
+  diffusers does the same in ``_maybe_map_sgm_blocks_to_diffusers``; diffusers is an optional extra,
+  so the rule lives here and ``tests/test_align.py`` checks it agrees with diffusers' converter.
+- kohya/BFL Flux names (fused ``img_attn_qkv``, ``linear1``) map to diffusers' split q/k/v
+  (:func:`flux_targets`), like diffusers' ``_convert_kohya_flux_lora_to_diffusers``.
+- CLIP paths are accepted with or without ``text_model.``; canonical keys carry it.
+
+:func:`check_compatible` refuses inputs for different base models (same module, other shape).
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .errors import IncompatibleLorasError
+
+# identifiers with underscores that appear in module paths (longest match first when re-dotting)
+_COMPOUNDS = """
+down_blocks up_blocks mid_block transformer_blocks single_transformer_blocks to_q to_k to_v to_out
+proj_in proj_out time_emb_proj conv_shortcut conv_in conv_out conv_norm_out time_embedding linear_1 linear_2
+add_embedding add_q_proj add_k_proj add_v_proj to_add_out ff_context norm1_context norm_out proj_mlp
+text_model self_attn q_proj k_proj v_proj out_proj final_layer_norm token_embedding position_embedding
+input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection time_embed label_emb
+double_blocks single_blocks img_attn txt_attn img_mlp txt_mlp img_mod txt_mod
+joint_blocks x_block context_block adaLN_modulation x_embedder context_embedder t_embedder y_embedder
+final_layer time_text_embed timestep_embedder guidance_embedder text_embedder time_proj pos_embed
+embed_tokens gate_proj up_proj down_proj o_proj lm_head
+""".split()
+_COMPOUND_TOKENS = sorted((c.split("_") for c in _COMPOUNDS), key=len, reverse=True)
+
+TE_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+COMPONENTS = ("unet", "transformer", "prior", "model") + TE_COMPONENTS
+
+
+def kohya_path(flat: str) -> str:
+    """``down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`` -> ``down_blocks.0.….attn1.to_q``."""
+    toks = flat.split("_")
+    out: List[str] = []
+    i = 0
+    while i < len(toks):
+        for comp in _COMPOUND_TOKENS:
+            n = len(comp)
+            if toks[i:i + n] == comp:
+                out.append("_".join(comp))
+                i += n
+                break
+        else:
+            out.append(toks[i])
+            i += 1
+    path = ".".join(out)
+    # diffusers: attention output projection is to_out.0 (kohya: to_out_0 -> "to_out.0" already)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# SDXL SGM/LDM <-> diffusers UNet paths
+# ----------------------------------------------------------------------------------------------
+_RESNET_SGM_TO_DM = {"in_layers.0": "norm1", "in_layers.2": "conv1", "out_layers.0": "norm2",
+                     "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj", "skip_connection": "conv_shortcut"}
+_RESNET_DM_TO_SGM = {v: k for k, v in _RESNET_SGM_TO_DM.items()}
+_SGM_HEAD = re.compile(r"^(input_blocks|middle_block|output_blocks)\.|^(time_embed|label_emb)\.|^out\.2$")
+# SGM modules outside the block structure (as diffusers' _convert_unet_lora_key maps them)
+_SGM_TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+            "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
+            "out.2": "conv_out"}
+_SGM_TOP_INV = {v: k for k, v in _SGM_TOP.items()}
+
+
+def is_sgm_path(path: str) -> bool:
+    return bool(_SGM_HEAD.match(path))
+
+
+def _resnet_rest(rest: List[str], table: Dict[str, str]) -> List[str]:
+    s = ".".join(rest)
+    for k, v in table.items():
+        if s == k or s.startswith(k + "."):
+            return (v + s[len(k):]).split(".")
+    return rest
+
+
+def sgm_to_diffusers(path: str, layers_per_block: int = 2) -> str:
+    """SGM UNet module path -> diffusers path (SD1/SD2/SDXL share the rule; SDXL uses lpb = 2).
+
+    ``input_blocks.n.{0|1}`` -> ``down_blocks.b.{resnets|attentions}.j`` (or ``downsamplers.0.conv`` for
+    ``.0.op``), ``middle_block.{0,1,2}`` -> ``mid_block.{resnets.0, attentions.0, resnets.1}``,
+    ``output_blocks.n.{0|1|2}`` -> ``up_blocks.b.{resnets|attentions|upsamplers}.j``.
+    """
+    if path in _SGM_TOP:
+        return _SGM_TOP[path]
+    p = path.split(".")
+    lpb1 = layers_per_block + 1
+    if p[0] == "input_blocks":
+        n, sub, rest = int(p[1]), p[2], p[3:]
+        if n == 0:
+            return "conv_in" + ("." + ".".join(rest) if rest else "")
+        b, j = (n - 1) // lpb1, (n - 1) % lpb1
+        if j == layers_per_block:          # the downsampler's own block
+            return ".".join(["down_blocks", str(n // lpb1 - 1), "downsamplers", "0", "conv"] + rest[1:])
+        if sub == "0":
+            return ".".join(["down_blocks", str(b), "resnets", str(j)] + _resnet_rest(rest, _RESNET_SGM_TO_DM))
+        return ".".join(["down_blocks", str(b), "attentions", str(j)] + rest)
+    if p[0] == "middle_block":
+        i, rest = int(p[1]), p[2:]
+        if i == 1:
+            return ".".join(["mid_block", "attentions", "0"] + rest)
+        return ".".join(["mid_block", "resnets", str(i // 2)] + _resnet_rest(rest, _RESNET_SGM_TO_DM))
+    if p[0] == "output_blocks":
+        n, sub, rest = int(p[1]), int(p[2]), p[3:]
+        b, j = n // lpb1, n % lpb1
+        if sub == 0:
+            return ".".join(["up_blocks", str(b), "resnets", str(j)] + _resnet_rest(rest, _RESNET_SGM_TO_DM))
+        if rest and rest[0] == "conv" and len(rest) <= 2 and j == layers_per_block:
+            return ".".join(["up_blocks", str(b), "upsamplers", "0"] + rest)
+        return ".".join(["up_blocks", str(b), "attentions", str(j)] + rest)
+    return path
+
+
+def diffusers_to_sgm(path: str, layers_per_block: int = 2) -> str:
+    """diffusers UNet module path -> SGM path (inverse of :func:`sgm_to_diffusers`)."""
+    if path in _SGM_TOP_INV:
+        return _SGM_TOP_INV[path]
+    p = path.split(".")
+    lpb1 = layers_per_block + 1
+    if p[0] == "down_blocks":
+        b, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
+        if kind == "downsamplers":
+            return ".".join(["input_blocks", str((b + 1) * lpb1), "0", "op"] + rest[1:])
+        if kind == "resnets":
+            return ".".join(["input_blocks", str(b * lpb1 + j + 1), "0"] + _resnet_rest(rest, _RESNET_DM_TO_SGM))
+        return ".".join(["input_blocks", str(b * lpb1 + j + 1), "1"] + rest)
+    if p[0] == "mid_block":
+        kind, j, rest = p[1], int(p[2]), p[3:]
+        if kind == "attentions":
+            return ".".join(["middle_block", "1"] + rest)
+        return ".".join(["middle_block", str(2 * j)] + _resnet_rest(rest, _RESNET_DM_TO_SGM))
+    if p[0] == "up_blocks":
+        b, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
+        if kind == "upsamplers":
+            return ".".join(["output_blocks", str(b * lpb1 + layers_per_block), "2"] + rest)
+        if kind == "resnets":
+            return ".".join(["output_blocks", str(b * lpb1 + j), "0"] + _resnet_rest(rest, _RESNET_DM_TO_SGM))
+        return ".".join(["output_blocks", str(b * lpb1 + j), "1"] + rest)
+    if p[0] == "conv_in":
+        return ".".join(["input_blocks", "0", "0"] + p[1:])
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# text encoders
+# ----------------------------------------------------------------------------------------------
+def clip_path(path: str) -> str:
+    """Bare transformers-5 CLIP paths (``encoder.layers.0…``) get the canonical ``text_model.`` prefix.
+    T5 paths (``encoder.block.…``) are left alone."""
+    if path.startswith(("encoder.layers.", "embeddings.", "final_layer_norm")):
+        return "text_model." + path
+    return path
+
+
+def canonical(component: str, path: str, *, layers_per_block: int = 2) -> str:
+    """Canonical key for a module path of ``component`` in any of the naming schemes we accept."""
+    if component == "unet" and is_sgm_path(path):
+        path = sgm_to_diffusers(path, layers_per_block)
+    elif component in TE_COMPONENTS:
+        path = clip_path(path)
+    return f"{component}.{path}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Flux (kohya / BFL names, fused qkv) -> diffusers FluxTransformer2DModel
+# ----------------------------------------------------------------------------------------------
+_FLUX_DOUBLE = {
+    "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    "img_attn.proj": ["attn.to_out.0"], "txt_attn.proj": ["attn.to_add_out"],
+    "img_mlp.0": ["ff.net.0.proj"], "img_mlp.2": ["ff.net.2"],
+    "txt_mlp.0": ["ff_context.net.0.proj"], "txt_mlp.2": ["ff_context.net.2"],
+    "img_mod.lin": ["norm1.linear"], "txt_mod.lin": ["norm1_context.linear"],
+}
+_FLUX_SINGLE = {
+    "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+    "linear2": ["proj_out"], "modulation.lin": ["norm.linear"],
+}
+_FLUX_RE = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
+
+
+def is_flux_path(path: str) -> bool:
+    return bool(_FLUX_RE.match(path))
+
+
+def flux_targets(path: str, out_features: int) -> Optional[List[Tuple[str, int, int]]]:
+    """BFL Flux module path -> [(diffusers key, first row, last row)] of the up factor.
+
+    Fused qkv splits in three equal parts; single-block ``linear1`` is q, k, v (h each) + mlp (4h),
+    so h = out/7. Returns None for a path that is not a known Flux module.
+    """
+    m = _FLUX_RE.match(path)
+    if not m:
+        return None
+    kind, i, sub = m.groups()
+    table = _FLUX_DOUBLE if kind == "double_blocks" else _FLUX_SINGLE
+    targets = table.get(sub)
+    if targets is None:
+        return None
+    block = f"transformer.{'transformer_blocks' if kind == 'double_blocks' else 'single_transformer_blocks'}.{i}"
+    if len(targets) == 1:
+        return [(f"{block}.{targets[0]}", 0, out_features)]
+    if len(targets) == 3:
+        if out_features % 3:
+            return None
+        h = out_features // 3
+        sizes = [h, h, h]
+    else:
+        if out_features % 7:
+            return None
+        h = out_features // 7
+        sizes = [h, h, h, 4 * h]
+    out, start = [], 0
+    for t, s in zip(targets, sizes):
+        out.append((f"{block}.{t}", start, start + s))
+        start += s
+    return out
+
+
+def flux_kohya_path(flat: str) -> str:
+    """``double_blocks_0_img_attn_qkv`` -> ``double_blocks.0.img_attn.qkv``; ``single_blocks_3_modulation_lin``
+    -> ``single_blocks.3.modulation.lin``."""
+    path = kohya_path(flat)
+    path = re.sub(r"\.(img_attn|txt_attn)\.(qkv|proj)$", r".\1.\2", path)
+    path = re.sub(r"\.(img_mod|txt_mod)\.lin$", r".\1.lin", path)
+    path = re.sub(r"\.modulation\.lin$", ".modulation.lin", path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# compatibility of several inputs
+# ----------------------------------------------------------------------------------------------
+def check_compatible(loras: Sequence) -> None:
+    """Raise :class:`IncompatibleLorasError` when two inputs patch the same module with different
+    shapes (e.g. SD1.5 and SDXL), or share no module at all while their base models differ. (Inputs
+    that share no module but may be for one model — a UNet-only and a text-encoder-only LoRA — pass.)
+
+    The message names both files and one conflicting module with both shapes.
+    """
+    if len(loras) < 2:
+        return
+    _refuse_same_file(loras)
+    seen: Dict[str, Tuple[object, object]] = {}       # key -> (lora, module) of its first provider
+    for lora in loras:
+        for key, m in lora.modules.items():
+            prev = seen.get(key)
+            if prev is None:
+                seen[key] = (lora, m)
+                continue
+            pl, pm = prev
+            if not _same_shape(pm, m):
+                raise IncompatibleLorasError(
+                    f"{pl.name} and {lora.name} are for different base models: module {key} is "
+                    f"{_shape(pm)} in {pl.name} but {_shape(m)} in {lora.name}", file=lora.source, key=key)
+    first = loras[0]
+    for other in loras[1:]:
+        bf, bo = first.base_model, other.base_model
+        if bf and bo and bf != bo and not (set(first.modules) & set(other.modules)):
+            k1, k2 = next(iter(first.modules), "-"), next(iter(other.modules), "-")
+            raise IncompatibleLorasError(
+                f"{first.name} ({bf}) and {other.name} ({bo}) are for different base models and share "
+                f"no module (e.g. {k1} vs {k2})", file=other.source)
+
+
+def _refuse_same_file(loras: Sequence) -> None:
+    """The same file given twice (also through a link) is almost surely a mistake: its weight would
+    simply double. Give it once with a larger weight instead."""
+    import os
+    files = []
+    for lora in loras:
+        src = getattr(lora, "source", None)
+        if not src or not os.path.isfile(src):
+            continue
+        for prev in files:
+            same = os.path.abspath(prev) == os.path.abspath(src)
+            if not same:
+                try:
+                    same = os.path.samefile(prev, src)
+                except OSError:
+                    same = False
+            if same:
+                how = "twice" if os.path.abspath(prev) == os.path.abspath(src) else f"twice (also as {prev})"
+                raise IncompatibleLorasError(f"the same file is given {how}; give it once with a larger "
+                                             f"weight instead", file=src)
+        files.append(src)
+
+
+def _same_shape(a, b) -> bool:
+    """Same weight shape; a 1x1 conv and a linear layer of the same size count as the same."""
+    if (a.out_features, a.in_features) != (b.out_features, b.in_features):
+        return False
+    ka = tuple(a.kernel_size) if a.kind == "conv" and a.kernel_size else (1, 1)
+    kb = tuple(b.kernel_size) if b.kind == "conv" and b.kernel_size else (1, 1)
+    return ka == kb
+
+
+def _shape(m) -> str:
+    return "x".join(str(s) for s in m.weight_shape)

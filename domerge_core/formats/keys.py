@@ -1,0 +1,130 @@
+"""Tensor keys -> (module name, role): the suffix grammar of every LoRA layout we read, and the
+recognition of adapter types we refuse (LoHa, LoKr, OFT, DoRA, full diffs...)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from ..errors import LoraFormatError, UnsupportedFormatError
+
+# (suffix, role, family). Longest/most specific first. family: "down_up" (kohya/LyCORIS/ComfyUI:
+# scale from .alpha), "ab" (PEFT/diffusers: scale from config), "old" (diffusers attention processors).
+SUFFIXES: Tuple[Tuple[str, str, str], ...] = (
+    (".lora_down.weight", "down", "down_up"),
+    (".lora_up.weight", "up", "down_up"),
+    (".lora_mid.weight", "mid", "down_up"),
+    (".lora_A.default.weight", "down", "ab"),
+    (".lora_B.default.weight", "up", "ab"),
+    (".lora_A.weight", "down", "ab"),
+    (".lora_B.weight", "up", "ab"),
+    (".lora_A", "down", "ab"),
+    (".lora_B", "up", "ab"),
+    (".lora_linear_layer.down.weight", "down", "old"),
+    (".lora_linear_layer.up.weight", "up", "old"),
+    ("_lora.down.weight", "down", "old"),
+    ("_lora.up.weight", "up", "old"),
+    (".lora.down.weight", "down", "old"),
+    (".lora.up.weight", "up", "old"),
+    (".alpha", "alpha", ""),
+)
+
+# markers of adapter types that are not plain LoRA: (substring or suffix test, description)
+_UNSUPPORTED: Tuple[Tuple[str, str], ...] = (
+    ("hada_", "LyCORIS LoHa"),
+    ("lokr_", "LyCORIS LoKr"),
+    ("oft_blocks", "OFT/BOFT"),
+    ("oft_diag", "OFT"),
+    (".oft_r", "OFT"),
+    (".oft_R", "OFT"),
+    ("boft_", "BOFT"),
+    ("dora_scale", "DoRA (dora_scale)"),
+    ("lora_magnitude_vector", "DoRA (PEFT lora_magnitude_vector)"),
+    ("lora_embedding_A", "PEFT embedding LoRA (lora_embedding_A/B)"),
+    ("lora_embedding_B", "PEFT embedding LoRA (lora_embedding_A/B)"),
+    ("ia3_", "IA3"),
+    (".lora_B.bias", "PEFT lora_bias (lora_B.bias)"),
+    ("reshape_weight", "ComfyUI reshape_weight"),
+    (".set_weight", "full weight replacement (set_weight)"),
+    (".w_norm", "norm-layer weights (w_norm)"),
+    (".b_norm", "norm-layer biases (b_norm)"),
+    (".a1.weight", "LyCORIS GLoRA"),
+    (".b1.weight", "LyCORIS GLoRA"),
+)
+_UNSUPPORTED_SUFFIX: Tuple[Tuple[str, str], ...] = (
+    (".diff", "full weight difference (.diff)"),
+    (".diff_b", "full bias difference (.diff_b)"),
+    (".base_layer.weight", "full base weight (PEFT modules_to_save / save_embedding_layers)"),
+    (".modules_to_save.default.weight", "full weight (PEFT modules_to_save)"),
+)
+
+
+@dataclass
+class ModuleKeys:
+    name: str                              # module name as in the file (suffix stripped)
+    family: str                            # "down_up" | "ab" | "old"
+    keys: Dict[str, str] = field(default_factory=dict)   # role -> tensor key
+
+
+def classify_unsupported(key: str) -> Optional[str]:
+    for marker, what in _UNSUPPORTED:
+        if marker in key:
+            return what
+    for suffix, what in _UNSUPPORTED_SUFFIX:
+        if key.endswith(suffix):
+            return what
+    return None
+
+
+def split_key(key: str) -> Optional[Tuple[str, str, str]]:
+    """(module name, role, family) or None when the key is not a LoRA factor/alpha."""
+    for suffix, role, family in SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role, family
+    return None
+
+
+def group_keys(keys: Iterable[str], file: Optional[str]) -> List[ModuleKeys]:
+    """Group tensor keys by module, in file order. Raises on the first key of a type we refuse."""
+    groups: Dict[str, ModuleKeys] = {}
+    pending_alpha: Dict[str, str] = {}
+    keys = list(keys)
+    for key in keys:
+        what = classify_unsupported(key)
+        if what:
+            raise UnsupportedFormatError(
+                f"format found: {what}; only plain LoRA/LoCon factors can be merged "
+                f"(first offending key {key!r})", file=file, key=key)
+    for key in keys:
+        parsed = split_key(key)
+        if parsed is None:
+            raise LoraFormatError(f"tensor {key!r} is not a LoRA factor (expected lora_down/lora_up, "
+                                  f"lora_A/lora_B or alpha keys)", file=file, key=key)
+        name, role, family = parsed
+        if role == "alpha":
+            pending_alpha[name] = key
+            continue
+        g = groups.get(name)
+        if g is None:
+            g = groups[name] = ModuleKeys(name=name, family=family)
+        elif g.family != family:
+            # same module written twice in two layouts (e.g. lora_A and lora_down)
+            raise LoraFormatError(f"module {name!r} appears in two layouts", file=file, key=key)
+        if role in g.keys:
+            raise LoraFormatError(f"duplicate {role} factor for module {name!r}", file=file, key=key)
+        g.keys[role] = key
+    for name, key in pending_alpha.items():
+        g = groups.get(name)
+        if g is None:
+            # old diffusers alphas: "<module>.alpha" where factors are "<module>_lora.down.weight" etc.
+            raise LoraFormatError(f"alpha without LoRA factors for module {name!r}", file=file, key=key)
+        g.keys["alpha"] = key
+    for g in groups.values():
+        if "down" not in g.keys:
+            raise LoraFormatError(f"module {g.name!r} has an up factor but no down factor", file=file,
+                                  key=g.keys.get("up") or g.keys.get("mid"))
+        if "up" not in g.keys:
+            raise LoraFormatError(f"module {g.name!r} has a down factor but no up factor", file=file,
+                                  key=g.keys["down"])
+    if not groups:
+        raise LoraFormatError("no LoRA modules found in the file", file=file)
+    return list(groups.values())

@@ -1,0 +1,172 @@
+"""Canonical LoRA -> file layouts (kohya, diffusers, peft).
+
+Every module is written with the scale baked into its factors and alpha = rank, so the file means
+the same thing to every loader: diffusers 0.42 ignores a per-module alpha that differs from the
+file's most common one (research/lora_formats.md §3.4), and PEFT/diffusers files carry no alpha.
+The scale is split as √|s| over both factors (sign on up) so fp16/bf16 outputs keep their range.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+from .. import align
+from ..errors import LoraFormatError
+if TYPE_CHECKING:  # torch is imported where tensors are made: default_format/FORMATS stay light
+    import torch
+
+    from ..lora import Lora, LoraModule
+
+FORMATS = ("kohya", "diffusers", "peft")
+DROP_METADATA = ("lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+
+
+def default_format(lora: Lora) -> str:
+    """The layout a LoRA is written in when none is asked for: its own (merged: the first input's)."""
+    hint = lora.layout.get("format") if lora.layout else None
+    if hint in FORMATS:
+        return hint
+    return {"kohya": "kohya", "comfy": "kohya", "diffusers": "diffusers", "diffusers_old": "diffusers",
+            "peft": "peft"}.get(lora.format, "peft" if any(k.startswith("model.") for k in lora.modules)
+                                else "kohya")
+
+
+def _file_factors(m: LoraModule, dtype: "torch.dtype") -> Tuple["torch.Tensor", "torch.Tensor"]:
+    """(up, down) with the scale baked in, in their file shapes."""
+    import torch
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    up, down = m.factors(work)
+    s = float(m.scale)
+    if s != 1.0:
+        root = math.sqrt(abs(s))
+        up = up * (math.copysign(root, s))
+        down = down * root
+    if m.kind == "conv" and m.kernel_size:
+        kh, kw = m.kernel_size
+        up = up.reshape(m.out_features, m.rank, 1, 1)
+        down = down.reshape(m.rank, m.in_features // (kh * kw), kh, kw)
+    return up.to(dtype).contiguous(), down.to(dtype).contiguous()
+
+
+def _components(lora: Lora):
+    return Counter(k.split(".", 1)[0] for k in lora.modules)
+
+
+def kohya_module_name(key: str, lora: Lora) -> str:
+    comp, path = key.split(".", 1)
+    lay = lora.layout or {}
+    if comp == "unet":
+        if lay.get("unet_names") == "sgm":
+            path = align.diffusers_to_sgm(path, int(lay.get("layers_per_block", 2)))
+        return "lora_unet_" + path.replace(".", "_")
+    if comp == "text_encoder":
+        two = any(k.startswith("text_encoder_2.") for k in lora.modules) or lay.get("te_prefix_text_encoder") == "lora_te1"
+        return ("lora_te1_" if two else "lora_te_") + path.replace(".", "_")
+    if comp == "text_encoder_2":
+        return "lora_te2_" + path.replace(".", "_")
+    if comp == "text_encoder_3":
+        return "lora_te3_" + path.replace(".", "_")
+    if comp == "transformer":
+        return "lora_transformer_" + path.replace(".", "_")
+    if comp == "prior":
+        return "lora_prior_unet_" + path.replace(".", "_")
+    if comp == "diffusion_model":
+        return "lora_unet_" + path.replace(".", "_")
+    if comp == "text_encoders":
+        return key          # ComfyUI-native dotted name: ComfyUI reads "<key>.lora_down.weight"
+    raise LoraFormatError(f"the kohya layout has no name for module {key!r} (a generic PEFT adapter); "
+                          f"write it with format 'peft'", file=lora.source, key=key)
+
+
+def diffusers_module_name(key: str, lora: Lora) -> str:
+    comp, path = key.split(".", 1)
+    if comp == "model":
+        return "base_model.model." + path
+    return key
+
+
+def peft_module_name(key: str, lora: Lora) -> str:
+    comps = _components(lora)
+    comp, path = key.split(".", 1)
+    if len(comps) == 1 and comp in ("unet", "transformer", "model"):
+        return "base_model.model." + path
+    if comp == "model":
+        return "base_model.model." + path
+    return "base_model.model." + key
+
+
+def _kohya_metadata(lora: Lora, ranks: Counter, extra: Optional[Dict[str, str]]) -> Dict[str, str]:
+    md = {k: v for k, v in (lora.metadata or {}).items() if k not in DROP_METADATA}
+    if extra is not None:
+        md = {k: v for k, v in extra.items() if k not in ("lora_adapter_metadata",)}
+    uniform = len(ranks) == 1
+    r = str(next(iter(ranks))) if uniform else "Dynamic"
+    md["ss_network_dim"] = r
+    md["ss_network_alpha"] = r          # alpha = rank everywhere
+    args = md.get("ss_network_args")
+    if args:
+        try:
+            a = json.loads(args)
+            if isinstance(a, dict) and "conv_alpha" in a and "conv_dim" in a:
+                a["conv_alpha"] = a["conv_dim"]
+                md["ss_network_args"] = json.dumps(a)
+        except json.JSONDecodeError:
+            pass
+    return {str(k): str(v) for k, v in md.items()}
+
+
+def to_state_dict(lora: Lora, format: Optional[str] = None, *, dtype: Optional[torch.dtype] = None,
+                  metadata: Optional[Dict[str, str]] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(tensors, metadata) of ``lora`` in layout ``format`` ("kohya" | "diffusers" | "peft"; None: the
+    LoRA's default). ``dtype`` defaults to the LoRA's dtype. ``metadata`` replaces the carried metadata
+    (``ss_network_dim``/``ss_network_alpha`` are always set to what is written)."""
+    import torch
+
+    format = format or default_format(lora)
+    if format not in FORMATS:
+        raise LoraFormatError(f"unknown output format {format!r}; choose one of {', '.join(FORMATS)}")
+    dtype = dtype or lora.dtype or torch.float32
+    if not len(lora):
+        raise LoraFormatError("nothing to write: the LoRA has no modules", file=lora.source)
+    namer = {"kohya": kohya_module_name, "diffusers": diffusers_module_name, "peft": peft_module_name}[format]
+    sd: Dict[str, torch.Tensor] = {}
+    ranks: Counter = Counter()
+    for m in lora:
+        name = namer(m.key, lora)
+        up, down = _file_factors(m, dtype)
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise LoraFormatError(f"module {m.key} does not fit in {str(dtype).replace('torch.', '')} "
+                                  f"(values overflow); write it with a wider dtype (fp32)",
+                                  file=lora.source, key=m.source_name or m.key)
+        ranks[m.rank] += 1
+        if format == "kohya":
+            keys = (name + ".lora_up.weight", name + ".lora_down.weight")
+        else:
+            keys = (name + ".lora_B.weight", name + ".lora_A.weight")
+        if keys[0] in sd:
+            raise LoraFormatError(f"two modules map to the same {format} name {name!r}", file=lora.source,
+                                  key=m.key)
+        sd[keys[0]], sd[keys[1]] = up, down
+        if format == "kohya":
+            sd[name + ".alpha"] = torch.tensor(float(m.rank), dtype=torch.float32)  # exact for any rank
+    md = _kohya_metadata(lora, ranks, metadata)
+    if format != "kohya":
+        md.setdefault("format", "pt")
+    return sd, md
+
+
+def adapter_config(lora: Lora) -> Dict[str, object]:
+    """A PEFT ``adapter_config.json`` for a file written with format "peft": the scale is baked into
+    the factors, so ``lora_alpha = r`` (rank_pattern/alpha_pattern for modules of another rank)."""
+    ranks = Counter(m.rank for m in lora)
+    r = ranks.most_common(1)[0][0]
+    rel = {m.key: peft_module_name(m.key, lora)[len("base_model.model."):] for m in lora}
+    return {
+        "peft_type": "LORA", "r": r, "lora_alpha": r, "use_rslora": False, "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True,
+        "target_modules": sorted({p for p in rel.values()}),
+        "rank_pattern": {rel[m.key]: m.rank for m in lora if m.rank != r},
+        "alpha_pattern": {rel[m.key]: m.rank for m in lora if m.rank != r},
+    }

@@ -1,0 +1,111 @@
+"""``describe(lora_or_path)``: what ``domerge inspect`` prints.
+
+Given a path, it reads the safetensors header and the alpha scalars only — no tensor data and not
+even torch (``formats.plan`` is torch-free) — so a 1052-module SDXL file is described in a fraction
+of a second plus Python start-up. Given a loaded :class:`~domerge_core.lora.Lora`, it uses that.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from types import SimpleNamespace
+from typing import Any, Dict, Union
+
+_DTYPE_NAMES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32", "torch.float64": "fp64"}
+_META_SHOWN = ("ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+               "ss_output_name", "modelspec.architecture", "modelspec.title", "modelspec.merged_from")
+
+
+def _num(x: float):
+    return int(x) if float(x).is_integer() else round(float(x), 6)
+
+
+def _hist(values) -> Dict[str, int]:
+    c = Counter(values)
+    return {str(k): c[k] for k in sorted(c)}
+
+
+_ST_NAMES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64"}
+
+
+def _plan_of_file(path: str):
+    """A Lora-like view of a file from its header (canonical modules, scales, shapes), torch-free."""
+    from .formats import ADAPTER_FILES
+    from .formats.plan import TensorSource, plan_modules, read_adapter_config
+    from .io import read_header, read_scalar
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = [os.path.join(path, n) for n in ADAPTER_FILES if os.path.isfile(os.path.join(path, n))]
+        if len(found) == 1:
+            path = found[0]
+    h = read_header(path)
+    src = TensorSource(path, {k: t.shape for k, t in h.tensors.items()}, {k: t.dtype for k, t in h.tensors.items()},
+                       scalar=lambda k: read_scalar(h, k))
+    cfg = None
+    if any(".lora_A" in k or ".lora_B" in k for k in h.tensors) and "lora_adapter_metadata" not in h.metadata:
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
+        if os.path.isfile(beside):
+            cfg = read_adapter_config(beside)
+    p = plan_modules(src, h.metadata, adapter_config=cfg)
+    mods = [SimpleNamespace(key=m.key, kind=m.kind, rank=m.rank, scale=m.scale, kernel_size=m.kernel_size,
+                            dtype=_ST_NAMES.get(m.dtype, m.dtype), out_features=m.out_features,
+                            in_features=m.in_features) for m in p.modules.values()]
+    return SimpleNamespace(modules=mods, format=p.format, base_model=p.base_model, layout=p.layout,
+                           metadata=p.metadata, source=path)
+
+
+def describe(lora: Union["Lora", str, "os.PathLike[str]"]) -> Dict[str, Any]:
+    """JSON-ready summary: format, base-model guess, module counts, ranks, alphas/scales, dtype,
+    parameters, file. Accepts a loaded :class:`Lora` or a path (header-only, torch-free)."""
+    if isinstance(lora, (str, os.PathLike)):
+        lora = _plan_of_file(lora)
+        mods = list(lora.modules)
+    else:
+        mods = list(lora)
+    ranks = [m.rank for m in mods]
+    alphas = [_num(m.scale * m.rank) for m in mods]
+    scales = [_num(m.scale) for m in mods]
+    dtypes = Counter(m.dtype if isinstance(m.dtype, str) else _DTYPE_NAMES.get(str(m.dtype), str(m.dtype))
+                     for m in mods)
+    kinds = Counter("conv3x3+" if m.kind == "conv" and m.kernel_size and tuple(m.kernel_size) != (1, 1)
+                    else m.kind for m in mods)
+    src = lora.source
+    out: Dict[str, Any] = {
+        "file": src,
+        "format": lora.format,
+        "base_model": lora.base_model,
+        "modules": len(mods),
+        "components": dict(Counter(m.key.split(".", 1)[0] for m in mods)),
+        "kinds": {"linear": kinds.get("linear", 0), "conv1x1": kinds.get("conv", 0),
+                  "conv": kinds.get("conv3x3+", 0)},
+        "ranks": {"min": min(ranks) if ranks else None, "max": max(ranks) if ranks else None,
+                  "histogram": _hist(ranks)},
+        "alphas": _hist(alphas),
+        "scales": _hist(scales),
+        "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
+        "parameters": sum(m.rank * (m.out_features + m.in_features) for m in mods),
+        "layout": {k: v for k, v in (lora.layout or {}).items()},
+        "metadata": {k: lora.metadata[k] for k in _META_SHOWN if k in (lora.metadata or {})},
+    }
+    if src and os.path.isfile(src):
+        out["file_size"] = os.path.getsize(src)
+    return out
+
+
+def format_description(d: Dict[str, Any]) -> str:
+    """Human-readable lines for one :func:`describe` result (the CLI may use it)."""
+    r = d["ranks"]
+    rank_s = str(r["min"]) if r["min"] == r["max"] else f"{r['min']}..{r['max']} {r['histogram']}"
+    lines = [
+        f"{d['file']}",
+        f"  format      {d['format']}",
+        f"  base model  {d['base_model'] or 'unknown'}",
+        f"  modules     {d['modules']} " + " ".join(f"{k}={v}" for k, v in d["components"].items()),
+        f"  kinds       " + " ".join(f"{k}={v}" for k, v in d["kinds"].items() if v),
+        f"  ranks       {rank_s}",
+        f"  alphas      {d['alphas']}",
+        f"  dtype       {d['dtype']}",
+        f"  parameters  {d['parameters']:,}",
+    ]
+    return "\n".join(lines)
