@@ -260,14 +260,47 @@ def atomic_write(path: str, write: Callable, *, overwrite: bool = False, inputs:
     return path
 
 
+_ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(f, tensors, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Serialise to an open binary file, one tensor at a time (no second copy of the whole file in
+    memory). Keys and metadata are sorted, so the same tensors and metadata give the same bytes:
+    ``safetensors.save_file`` orders metadata by a hash map, which differs from run to run."""
+    import json
+    import sys
+
+    names = sorted(tensors)
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        dt = _ST_DTYPES.get(str(t.dtype).replace("torch.", ""))
+        if dt is None:
+            raise ValueError(f"cannot write tensor {name!r} of dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)          # data starts 8-byte aligned, as safetensors writes it
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for name in names:
+        t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+        data = t.view(__import__("torch").uint8).numpy()
+        if sys.byteorder != "little" and t.element_size() > 1:  # pragma: no cover - big-endian hosts
+            data = t.numpy().byteswap().view("uint8")
+        f.write(memoryview(data))
+
+
 def save_safetensors(tensors, path: str, metadata: Optional[Dict[str, str]] = None, *,
                      overwrite: bool = False, inputs: Iterable[str] = ()) -> str:
-    """Atomic ``safetensors.torch.save_file``."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata),
-                        overwrite=overwrite, inputs=inputs, pass_path=True)
+    """Atomic, deterministic safetensors write (see `write_safetensors`)."""
+    return atomic_write(path, lambda f: write_safetensors(f, tensors, metadata),
+                        overwrite=overwrite, inputs=inputs)
 
 
 _SCALAR_FORMATS = {"F32": "<f", "F64": "<d", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b",

@@ -1,6 +1,7 @@
 """The merge door: alignment, truncation, determinism, progress/cancel, cache, files, decouple."""
 from __future__ import annotations
 
+import os
 import json
 import math
 
@@ -178,8 +179,10 @@ def test_saved_files_are_bit_identical_and_round_trip(tmp_path):
     mem = merge([load_lora(p) for p in paths], "do", device="cpu")
     o1 = res.save(str(tmp_path / "o1.safetensors"))
     o2 = mem.save(str(tmp_path / "o2.safetensors"))
-    # identical tensors and metadata (byte order of the metadata map is the writer's business:
-    # safetensors serialises it from a hash map)
+    # bit-identical files (the writer sorts keys and metadata: safetensors' own save_file orders
+    # metadata by a hash map), which safetensors reads back
+    with open(o1, "rb") as f1, open(o2, "rb") as f2:
+        assert f1.read() == f2.read()
     from safetensors import safe_open
     with safe_open(o1, "pt") as f1, safe_open(o2, "pt") as f2:
         assert f1.metadata() == f2.metadata()
@@ -194,6 +197,25 @@ def test_saved_files_are_bit_identical_and_round_trip(tmp_path):
         res.save(o1)
     sd, md = res.state_dict(format="peft")
     assert any(k.endswith("lora_A.weight") for k in sd) and "domerge" in md
+
+
+def test_cli_merges_are_bit_identical_across_processes(tmp_path):
+    """Two separate `domerge merge` processes (fresh hash seeds) write the same bytes."""
+    import hashlib
+    import subprocess
+    import sys
+    from domerge_core.formats import save_lora
+    paths = [save_lora(l, str(tmp_path / f"in{i}.safetensors"), format="kohya")
+             for i, l in enumerate(make(T=3, dtype=torch.float16))]
+    digests = []
+    for run in range(2):
+        out = tmp_path / f"out{run}.safetensors"
+        r = subprocess.run([sys.executable, "-m", "domerge_core", "merge", *paths, "-o", str(out),
+                            "--method", "dare_ties", "--seed", "3", "--weights", "0.5,1,-0.7", "-q"],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": str(run)})
+        assert r.returncode == 0, r.stderr
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
 
 
 def test_progress_stages_and_cancellation():
