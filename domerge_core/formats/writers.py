@@ -1,6 +1,7 @@
 """Canonical LoRA -> file layouts (kohya, diffusers, peft).
 
-Every module is written with the scale baked into its factors and alpha = rank, so the file means
+Every module is written with the scale baked into its factors and one alpha for the whole kohya file
+(the most common rank; other ranks get rank/alpha baked into ``up``), so the file means
 the same thing to every loader: diffusers 0.42 ignores a per-module alpha that differs from the
 file's most common one (research/lora_formats.md §3.4), and PEFT/diffusers files carry no alpha.
 The scale is split as √|s| over both factors (sign on up) so fp16/bf16 outputs keep their range.
@@ -33,12 +34,14 @@ def default_format(lora: Lora) -> str:
                                 else "kohya")
 
 
-def _file_factors(m: LoraModule, dtype: "torch.dtype") -> Tuple["torch.Tensor", "torch.Tensor"]:
-    """(up, down) with the scale baked in, in their file shapes."""
+def _file_factors(m: LoraModule, dtype: "torch.dtype", loader_scale: float = 1.0
+                  ) -> Tuple["torch.Tensor", "torch.Tensor"]:
+    """(up, down) with the scale baked in, in their file shapes. ``loader_scale`` is the scale a
+    loader will apply on top (kohya: the file's alpha / this module's rank); it is divided out."""
     import torch
     work = torch.float64 if dtype == torch.float64 else torch.float32
     up, down = m.factors(work)
-    s = float(m.scale)
+    s = float(m.scale) / loader_scale
     if s != 1.0:
         root = math.sqrt(abs(s))
         up = up * (math.copysign(root, s))
@@ -97,20 +100,20 @@ def peft_module_name(key: str, lora: Lora) -> str:
     return "base_model.model." + key
 
 
-def _kohya_metadata(lora: Lora, ranks: Counter, extra: Optional[Dict[str, str]]) -> Dict[str, str]:
+def _kohya_metadata(lora: Lora, ranks: Counter, extra: Optional[Dict[str, str]], alpha: int) -> Dict[str, str]:
     md = {k: v for k, v in (lora.metadata or {}).items() if k not in DROP_METADATA}
     if extra is not None:
         md = {k: v for k, v in extra.items() if k not in ("lora_adapter_metadata",)}
     uniform = len(ranks) == 1
     r = str(next(iter(ranks))) if uniform else "Dynamic"
     md["ss_network_dim"] = r
-    md["ss_network_alpha"] = r          # alpha = rank everywhere
+    md["ss_network_alpha"] = r if uniform else str(alpha)   # one alpha for every module
     args = md.get("ss_network_args")
     if args:
         try:
             a = json.loads(args)
             if isinstance(a, dict) and "conv_alpha" in a and "conv_dim" in a:
-                a["conv_alpha"] = a["conv_dim"]
+                a["conv_alpha"] = str(alpha)
                 md["ss_network_args"] = json.dumps(a)
         except json.JSONDecodeError:
             pass
@@ -133,9 +136,15 @@ def to_state_dict(lora: Lora, format: Optional[str] = None, *, dtype: Optional[t
     namer = {"kohya": kohya_module_name, "diffusers": diffusers_module_name, "peft": peft_module_name}[format]
     sd: Dict[str, torch.Tensor] = {}
     ranks: Counter = Counter()
+    # kohya: ONE alpha for the whole file (the most common rank, larger on ties) and rank/alpha baked
+    # into the factors: diffusers 0.42 silently ignores an attention module's alpha when it differs
+    # from the file's most common one, so per-module alpha = rank breaks merges of mixed ranks.
+    rank_counts = Counter(m.rank for m in lora)
+    file_alpha = max(rank_counts, key=lambda r: (rank_counts[r], r))
     for m in lora:
         name = namer(m.key, lora)
-        up, down = _file_factors(m, dtype)
+        loader_scale = file_alpha / m.rank if format == "kohya" else 1.0
+        up, down = _file_factors(m, dtype, loader_scale)
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
             raise LoraFormatError(f"module {m.key} does not fit in {str(dtype).replace('torch.', '')} "
                                   f"(values overflow); write it with a wider dtype (fp32)",
@@ -150,8 +159,8 @@ def to_state_dict(lora: Lora, format: Optional[str] = None, *, dtype: Optional[t
                                   key=m.key)
         sd[keys[0]], sd[keys[1]] = up, down
         if format == "kohya":
-            sd[name + ".alpha"] = torch.tensor(float(m.rank), dtype=torch.float32)  # exact for any rank
-    md = _kohya_metadata(lora, ranks, metadata)
+            sd[name + ".alpha"] = torch.tensor(float(file_alpha), dtype=torch.float32)
+    md = _kohya_metadata(lora, ranks, metadata, file_alpha)
     if format != "kohya":
         md.setdefault("format", "pt")
     return sd, md
