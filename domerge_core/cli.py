@@ -209,7 +209,6 @@ def cmd_merge(args) -> int:
     bar = ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
     t0 = time.perf_counter()
     loras = [dc.load_lora(p) for p in args.inputs]
-    dc.check_compatible(loras)
     compute = {"fp32": "float32", "fp64": "float64"}[args.compute_dtype]
     import torch
     result = dc.merge(loras, method=args.method, params=params, weights=weights, rank=args.rank,

@@ -341,10 +341,12 @@ def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[
     "orthogonalize", "merge", "truncate" — raising from it cancels (nothing is written);
     ``cache``: a `MergeCache` reused across calls (sliders).
     """
+    from .align import check_compatible
     from .methods import get_method
     spec = get_method(method)
     p = spec.resolve(params)
     loras = _load_inputs(inputs)
+    check_compatible(loras)            # different base models, the same file twice
     w = _check_weights(weights, len(loras))
     dev = resolve_device(device)
     rank, energy = _validate(rank, energy, compute_dtype, dev)

@@ -395,7 +395,6 @@ class MergePanel:
         self.status.value = _message_html("merging…", "busy")
         t0 = time.perf_counter()
         try:
-            core.check_compatible(kw["inputs"])    # same checks as the CLI: base models, same file twice
             res = core.merge(**kw, progress=self._progress, cache=self.cache)
         except core.MergeCancelled as e:
             superseded = "superseded" in str(e)
