@@ -58,10 +58,11 @@ class ProgressBar:
         frac = done / total if total else 1.0
         bar = "#" * int(frac * width)
         global _open_bar_line
+        _open_bar_line = True          # set before writing: an interrupt may land mid-write
         sys.stderr.write(f"\r{stage:>14s} [{bar:<{width}s}] {done}/{total}")
-        _open_bar_line = done < total
-        if not _open_bar_line:
+        if done >= total:
             sys.stderr.write("\n")
+            _open_bar_line = False
         sys.stderr.flush()
 
 

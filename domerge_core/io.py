@@ -20,6 +20,11 @@ from .errors import DomergeError, LoraFormatError, OutputExistsError
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 CONVERT_HINT = "convert it to .safetensors first (domerge never unpickles files)"
 MAX_HEADER = 100 * 1024 * 1024          # safetensors' own limit
+# No LoRA factor comes near these (Flux's widest layer is 21504; an LLM vocabulary ~2^18). A header
+# that declares more is refused before anything is mapped or allocated: a sparse file can really be
+# terabytes long and pass every size check.
+MAX_DIM = 1 << 24
+MAX_TENSOR_ELEMENTS = 1 << 31
 
 DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -108,6 +113,13 @@ def read_header(path: str) -> Header:
         except (KeyError, TypeError, ValueError):
             raise LoraFormatError("invalid safetensors header entry", file=path, key=name) from None
         t = TensorInfo(dtype, shape, begin, end)
+        if any(d < 0 for d in shape):
+            raise LoraFormatError(f"invalid safetensors header: negative dimension in shape {list(shape)}",
+                                  file=path, key=name)
+        if any(d > MAX_DIM for d in shape) or t.numel > MAX_TENSOR_ELEMENTS:
+            gib = t.numel * DTYPE_SIZES.get(dtype, 1) / 2 ** 30
+            raise LoraFormatError(f"declares a tensor of shape {list(shape)} ({gib:,.0f} GiB); no LoRA factor is "
+                                  f"that large, so the file is refused before reading it", file=path, key=name)
         if dtype in DTYPE_SIZES and end - begin != t.numel * DTYPE_SIZES[dtype]:
             raise LoraFormatError("invalid safetensors header: tensor size does not match its shape",
                                   file=path, key=name)
@@ -278,7 +290,7 @@ def write_safetensors(f, tensors, metadata: Optional[Dict[str, str]] = None) -> 
     offset = 0
     for name in names:
         t = tensors[name]
-        dt = _ST_DTYPES.get(str(t.dtype).replace("torch.", ""))
+        dt = _ST_DTYPES.get(str(t.dtype).replace("torch.", ""))   # tensors or LazyTensors
         if dt is None:
             raise ValueError(f"cannot write tensor {name!r} of dtype {t.dtype}")
         nbytes = t.numel() * t.element_size()
@@ -289,7 +301,12 @@ def write_safetensors(f, tensors, metadata: Optional[Dict[str, str]] = None) -> 
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
     for name in names:
-        t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+        t = tensors[name]
+        if hasattr(t, "materialize"):            # formats.writers.LazyTensor: computed only now
+            t = t.materialize()
+            if tuple(t.shape) != tuple(header[name]["shape"]):
+                raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, planned {header[name]['shape']}")
+        t = t.detach().to("cpu").contiguous().reshape(-1)
         data = t.view(__import__("torch").uint8).numpy()
         if sys.byteorder != "little" and t.element_size() > 1:  # pragma: no cover - big-endian hosts
             data = t.numpy().byteswap().view("uint8")

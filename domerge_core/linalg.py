@@ -111,12 +111,21 @@ def truncate(B: Tensor, A: Tensor, rank: Optional[int] = None, energy: Optional[
 
 
 def balanced(B: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(U√S, √S Vᵀ)`` of ``B @ A`` keeping the input rank (when r ≤ min(m, n)).
+    """``(U√S, √S Vᵀ)`` of ``B @ A`` with the input rank r kept: (…, m, r), (…, r, n).
 
+    The product has at most min(r, m, n) singular values; when r exceeds m or n (a rank-64 LoRA on
+    a conv with in·kh·kw = 36) the factors are padded with zero columns / rows, so the stacked
+    factors of several LoRAs keep their block layout (a zero row is inert in every later step).
     The result does not depend on how a trainer split scale between up and down (``B g``, ``A/g``)
     nor on any invertible r×r gauge."""
+    r = A.shape[-2]
     U, S, Vh = exact_svd(B, A)
-    return split_sqrt(U, S, Vh, S.shape[-1])
+    b, a = split_sqrt(U, S, Vh, S.shape[-1])
+    k = b.shape[-1]
+    if k < r:
+        b = torch.cat([b, b.new_zeros(b.shape[:-1] + (r - k,))], -1)
+        a = torch.cat([a, a.new_zeros(a.shape[:-2] + (r - k, a.shape[-1]))], -2)
+    return b, a
 
 
 def block_indicator(ranks: Sequence[int], device=None, dtype=torch.float32) -> Tensor:

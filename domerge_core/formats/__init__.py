@@ -92,5 +92,7 @@ def save_lora(lora: Lora, path: PathLike, *, format: Optional[str] = "kohya", dt
     path = os.fspath(path)
     srcs = [lora.source, *inputs]
     check_output_path(path, overwrite=overwrite, inputs=srcs)     # fail before computing anything
-    tensors, md = to_state_dict(lora, format, dtype=dtype, metadata=metadata)
+    from .writers import plan_state_dict
+
+    tensors, md = plan_state_dict(lora, format, dtype=dtype, metadata=metadata)   # streamed: one module at a time
     return save_safetensors(tensors, path, md, overwrite=overwrite, inputs=srcs)

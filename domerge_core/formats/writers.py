@@ -120,11 +120,29 @@ def _kohya_metadata(lora: Lora, ranks: Counter, extra: Optional[Dict[str, str]],
     return {str(k): str(v) for k, v in md.items()}
 
 
-def to_state_dict(lora: Lora, format: Optional[str] = None, *, dtype: Optional[torch.dtype] = None,
-                  metadata: Optional[Dict[str, str]] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """(tensors, metadata) of ``lora`` in layout ``format`` ("kohya" | "diffusers" | "peft"; None: the
-    LoRA's default). ``dtype`` defaults to the LoRA's dtype. ``metadata`` replaces the carried metadata
-    (``ss_network_dim``/``ss_network_alpha`` are always set to what is written)."""
+class LazyTensor:
+    """A tensor known by shape and dtype, computed when the writer reaches it: the streaming
+    writer (`io.write_safetensors`) never holds the whole output in memory."""
+    __slots__ = ("shape", "dtype", "_make")
+
+    def __init__(self, shape, dtype, make):
+        self.shape, self.dtype, self._make = tuple(shape), dtype, make
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        import torch
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def materialize(self):
+        return self._make()
+
+
+def plan_state_dict(lora: Lora, format: Optional[str] = None, *, dtype: Optional["torch.dtype"] = None,
+                    metadata: Optional[Dict[str, str]] = None) -> Tuple[Dict[str, LazyTensor], Dict[str, str]]:
+    """(lazy tensors, metadata) of ``lora`` in layout ``format``; see `to_state_dict`. Each module's
+    factors are computed once, when the first of its tensors is materialized."""
     import torch
 
     format = format or default_format(lora)
@@ -134,36 +152,63 @@ def to_state_dict(lora: Lora, format: Optional[str] = None, *, dtype: Optional[t
     if not len(lora):
         raise LoraFormatError("nothing to write: the LoRA has no modules", file=lora.source)
     namer = {"kohya": kohya_module_name, "diffusers": diffusers_module_name, "peft": peft_module_name}[format]
-    sd: Dict[str, torch.Tensor] = {}
+    plan: Dict[str, LazyTensor] = {}
     ranks: Counter = Counter()
     # kohya: ONE alpha for the whole file (the most common rank, larger on ties) and rank/alpha baked
     # into the factors: diffusers 0.42 silently ignores an attention module's alpha when it differs
     # from the file's most common one, so per-module alpha = rank breaks merges of mixed ranks.
     rank_counts = Counter(m.rank for m in lora)
     file_alpha = max(rank_counts, key=lambda r: (rank_counts[r], r))
+    pending: Dict[str, Dict[str, "torch.Tensor"]] = {}   # module key -> factors not yet written
+
+    def factor(m: LoraModule, which: str, loader_scale: float):
+        def make():
+            if m.key not in pending:
+                up, down = _file_factors(m, dtype, loader_scale)
+                if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+                    raise LoraFormatError(f"module {m.key} does not fit in {str(dtype).replace('torch.', '')} "
+                                          f"(values overflow); write it with a wider dtype (fp32)",
+                                          file=lora.source, key=m.source_name or m.key)
+                pending[m.key] = {"up": up, "down": down}
+            parts = pending[m.key]
+            t = parts.pop(which)
+            if not parts:
+                del pending[m.key]
+            return t
+        return make
+
     for m in lora:
         name = namer(m.key, lora)
         loader_scale = file_alpha / m.rank if format == "kohya" else 1.0
-        up, down = _file_factors(m, dtype, loader_scale)
-        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-            raise LoraFormatError(f"module {m.key} does not fit in {str(dtype).replace('torch.', '')} "
-                                  f"(values overflow); write it with a wider dtype (fp32)",
-                                  file=lora.source, key=m.source_name or m.key)
         ranks[m.rank] += 1
         if format == "kohya":
-            keys = (name + ".lora_up.weight", name + ".lora_down.weight")
+            up_key, down_key = name + ".lora_up.weight", name + ".lora_down.weight"
         else:
-            keys = (name + ".lora_B.weight", name + ".lora_A.weight")
-        if keys[0] in sd:
+            up_key, down_key = name + ".lora_B.weight", name + ".lora_A.weight"
+        if up_key in plan:
             raise LoraFormatError(f"two modules map to the same {format} name {name!r}", file=lora.source,
                                   key=m.key)
-        sd[keys[0]], sd[keys[1]] = up, down
+        conv = m.kind == "conv" and m.kernel_size
+        up_shape = (m.out_features, m.rank, 1, 1) if conv else (m.out_features, m.rank)
+        down_shape = (m.rank, *m.weight_shape[1:]) if conv else (m.rank, m.in_features)
         if format == "kohya":
-            sd[name + ".alpha"] = torch.tensor(float(file_alpha), dtype=torch.float32)
+            plan[name + ".alpha"] = LazyTensor((), torch.float32,
+                                               lambda a=float(file_alpha): torch.tensor(a, dtype=torch.float32))
+        plan[down_key] = LazyTensor(down_shape, dtype, factor(m, "down", loader_scale))
+        plan[up_key] = LazyTensor(up_shape, dtype, factor(m, "up", loader_scale))
     md = _kohya_metadata(lora, ranks, metadata, file_alpha)
     if format != "kohya":
         md.setdefault("format", "pt")
-    return sd, md
+    return plan, md
+
+
+def to_state_dict(lora: Lora, format: Optional[str] = None, *, dtype: Optional["torch.dtype"] = None,
+                  metadata: Optional[Dict[str, str]] = None) -> Tuple[Dict[str, "torch.Tensor"], Dict[str, str]]:
+    """(tensors, metadata) of ``lora`` in layout ``format`` ("kohya" | "diffusers" | "peft"; None: the
+    LoRA's default). ``dtype`` defaults to the LoRA's dtype. ``metadata`` replaces the carried metadata
+    (``ss_network_dim``/``ss_network_alpha`` are always set to what is written)."""
+    plan, md = plan_state_dict(lora, format, dtype=dtype, metadata=metadata)
+    return {k: v.materialize() for k, v in plan.items()}, md
 
 
 def adapter_config(lora: Lora) -> Dict[str, object]:
