@@ -16,7 +16,7 @@ _PUBLIC = {
     # errors
     "DomergeError": "errors", "LoraFormatError": "errors", "UnsupportedFormatError": "errors",
     "IncompatibleLorasError": "errors", "OutputExistsError": "errors", "MergeCancelled": "errors",
-    "InvalidParameterError": "errors",
+    "InvalidParameterError": "errors", "NumericalError": "errors",
     # files
     "load_lora": "formats", "load_state_dict": "formats", "to_state_dict": "formats",
     "save_lora": "formats", "default_format": "formats", "FORMATS": "formats",

@@ -53,9 +53,12 @@ def magnitudes(Bs: Sequence[Tensor], As: Sequence[Tensor], GB: Optional[Tensor] 
     return torch.stack(out, -2)
 
 
-def direction_down(A: Tensor, alpha: Tensor, ranks: Sequence[int]) -> Tensor:
-    """Stacked ``[A_1 diag(1/α_1); …]`` in one pass (a new tensor)."""
+def direction_down(A: Tensor, alpha: Tensor, ranks: Sequence[int], w: Optional[Tensor] = None) -> Tensor:
+    """Stacked ``[A_1 diag(1/α_1); …]`` in one pass (a new tensor); with ``w`` (T,), the task
+    coefficients are folded into the same pass: ``[w_1 A_1 diag(1/α_1); …]``."""
     inv = safe_inverse(alpha)
+    if w is not None:
+        inv = inv * w.to(inv.dtype).unsqueeze(-1)
     out = torch.empty_like(A)
     o = 0
     for t, r in enumerate(ranks):
@@ -66,8 +69,9 @@ def direction_down(A: Tensor, alpha: Tensor, ranks: Sequence[int]) -> Tensor:
 
 def safe_inverse(x: Tensor, eps: float = EPS) -> Tensor:
     """1/x, and 0 where x is (relatively) zero: zero columns get a zero direction."""
-    tiny = eps * x.amax(-1, keepdim=True).clamp_min(1e-300)
-    return torch.where(x > tiny, 1.0 / x.clamp_min(1e-300), torch.zeros_like(x))
+    smallest = torch.finfo(x.dtype).tiny          # below it 1/x overflows (and 1e-300 is 0 in float32)
+    tiny = (eps * x.amax(-1, keepdim=True)).clamp_min(smallest)
+    return torch.where(x > tiny, 1.0 / x.clamp_min(smallest), torch.zeros_like(x))
 
 
 def merge_magnitudes(alpha: Tensor, w: Tensor, rule: str = "weighted_mean") -> Tensor:

@@ -1,7 +1,8 @@
 """Diagnostics as data (JSON-serialisable): what `merge` reports and what ``domerge inspect`` prints.
 
 Everything comes from r×r Grams of the factors (never an m×n matrix):
-- per LoRA and per block: update norms ``‖ΔW_i‖_F`` (at strength 1, and at the given strengths);
+- per LoRA and per block: update norms ``‖ΔW_i‖_F`` (at strength 1, and at the given strengths) over
+  every module the LoRA has — shared ones, ones only it has, and all of them at strength 0;
 - magnitude distribution variance [ours, method.md]: per module ``s_i = |w_i|·‖ΔW_i‖_F``,
   normalised by the mean over the LoRAs that have the module, variance over them; averaged over
   modules (0 when all LoRAs have equal norms);
@@ -76,9 +77,15 @@ class _Acc:
 
 
 def summarize(records: Dict[str, Dict[str, Any]], names: Sequence[str], weights: Sequence[float],
-              per_block: bool = True) -> Dict[str, Any]:
+              per_block: bool = True, extra_norms: Optional[Dict[str, Sequence]] = None) -> Dict[str, Any]:
     """Per-LoRA, per-block and whole-model diagnostics from per-module records
-    (``inputs``, ``norms``, ``norms_after``, ``cos_before``, ``cos_after``, ``rel_delta_A/B``)."""
+    (``inputs``, ``norms``, ``norms_after``, ``cos_before``, ``cos_after``, ``rel_delta_A/B``).
+
+    Norms count every module a LoRA has: the records of modules merged from ≥ 2 LoRAs, those of
+    modules only one LoRA has (``inputs``/``norms`` of length 1, no cosines), and ``extra_norms``
+    ({key: [(input, ‖ΔW‖)]}: modules of inputs at strength 0, which the merge leaves out).
+    ``modules_merged`` counts the records only; cosines and the magnitude variance use the modules
+    of ≥ 2 LoRAs; ``rel_delta_*`` the records that carry them."""
     T = len(names)
     model = _Acc(T)
     blocks: Dict[str, _Acc] = {}
@@ -99,8 +106,9 @@ def summarize(records: Dict[str, Dict[str, Any]], names: Sequence[str], weights:
             norm2[i] += nb[a] ** 2
             bn[i] += nb[a] ** 2
             count[i] += 1
-            dA[i].append(rec["rel_delta_A"][a])
-            dB[i].append(rec["rel_delta_B"][a])
+            if "rel_delta_A" in rec:
+                dA[i].append(rec["rel_delta_A"][a])
+                dB[i].append(rec["rel_delta_B"][a])
         if len(idx) >= 2:
             model.add(idx, rec["cos_before"], rec["cos_after"], nb, na)
             if per_block:
@@ -110,6 +118,11 @@ def summarize(records: Dict[str, Dict[str, Any]], names: Sequence[str], weights:
             if mean > 0:
                 sn = [x / mean for x in s]
                 mvars.append(sum((x - 1.0) ** 2 for x in sn) / len(sn))
+    for key, pairs in (extra_norms or {}).items():
+        bn = block_norms.setdefault(block_of(key), [0.0] * T)
+        for i, v in pairs:
+            norm2[i] += float(v) ** 2
+            bn[i] += float(v) ** 2
     loras = []
     for i in range(T):
         loras.append({
@@ -134,8 +147,9 @@ def summarize(records: Dict[str, Dict[str, Any]], names: Sequence[str], weights:
 
 
 def merge_report(loras: Sequence[Lora], weights: Sequence[float], method: str, params: Dict[str, Any],
-                 records: Dict[str, Dict[str, Any]], jobs, rank=None, energy=None) -> Dict[str, Any]:
-    """The `MergeResult.report` dict."""
+                 records: Dict[str, Dict[str, Any]], jobs, rank=None, energy=None,
+                 extra_norms: Optional[Dict[str, Sequence]] = None) -> Dict[str, Any]:
+    """The `MergeResult.report` dict (``extra_norms``: see `summarize`)."""
     names = [_lora_name(l, i) for i, l in enumerate(loras)]
     errs = [r["rel_error"] for r in records.values()]
     ranks = [r["rank"] for r in records.values()]
@@ -155,7 +169,7 @@ def merge_report(loras: Sequence[Lora], weights: Sequence[float], method: str, p
             "rel_error_max": max(errs) if errs else 0.0,
             "rel_error_mean": (sum(errs) / len(errs)) if errs else 0.0,
         },
-        "diagnostics": summarize(records, names, weights),
+        "diagnostics": summarize(records, names, weights, extra_norms=extra_norms),
         "modules": records,
         "skipped": skipped,
     }
@@ -168,8 +182,9 @@ def analyze(loras, weights: Optional[Sequence[float]] = None, orthogonalize_para
     variance, cosines before/after the orthogonalization (``orthogonalize_params``: ``orth_*`` and
     ``balanced`` values; default ``do``'s), ‖δ‖ ratios, ranks and truncation energy."""
     from .devices import resolve_device
-    from .linalg import exact_svd, frob_norm
-    from .merging import _check_weights, _load_inputs, _load_stack, batch_jobs, plan_modules, prepare_batch
+    from .linalg import exact_svd
+    from .merging import (_check_weights, _load_inputs, _load_stack, _sources, batch_jobs, inactive_norms,
+                          locate_linalg_failure, plan_modules, prepare_batch, prepare_single)
     from .methods import get_method
 
     loras = _load_inputs(loras)
@@ -182,41 +197,51 @@ def analyze(loras, weights: Optional[Sequence[float]] = None, orthogonalize_para
     records: Dict[str, Dict[str, Any]] = {}
     kept_at_rmax: List[float] = []
     rank99: List[int] = []
-    for batch in batch_jobs(jobs, elem, dense=False):
+    sources = _sources(loras)
+
+    def run(batch):
+        """(stats lists, spectrum (kept, r99) or None) of one batch."""
         idx = [i for i, _ in batch[0].active]
         ranks = [mod.rank for _, mod in batch[0].active]
         if len(idx) < 2:
-            B, A, _ = _load_stack(batch, compute_dtype, dev)
-            nrm = frob_norm(B, A).tolist()
-            for j, job in enumerate(batch):
-                records[job.key] = {"inputs": idx, "ranks": ranks, "norms": [nrm[j]], "norms_after": [nrm[j]],
-                                    "cos_before": [[1.0]], "cos_after": [[1.0]],
-                                    "rel_delta_A": [0.0], "rel_delta_B": [0.0]}
-            continue
-        pre = prepare_batch(batch, p, compute_dtype, dev)
+            nrm = prepare_single(batch, compute_dtype, dev, sources=sources)["norms"][:, 0].tolist()
+            return {"norms": [[x] for x in nrm], "norms_after": [[x] for x in nrm],
+                    "cos_before": [[[1.0]]] * len(batch), "cos_after": [[[1.0]]] * len(batch),
+                    "rel_delta_A": [[0.0]] * len(batch), "rel_delta_B": [[0.0]] * len(batch)}, None
+        pre = prepare_batch(batch, p, compute_dtype, dev, sources=sources)
         stats = {k: pre[k].tolist() for k in ("cos_before", "cos_after", "rel_delta_A", "rel_delta_B",
                                                "norms", "norms_after")}
-        if spectrum:
-            # exact spectrum of the task-arithmetic merge at the given strengths (original factors)
-            B, A, _ = _load_stack(batch, compute_dtype, dev)
-            wv = torch.cat([torch.full((r,), w[i], dtype=compute_dtype, device=dev) for i, r in zip(idx, ranks)])
-            _, S, _ = exact_svd(B * wv, A)
-            e2 = S.double() ** 2
-            tot = e2.sum(-1).clamp_min(1e-300)
-            cum = torch.cumsum(e2, -1) / tot.unsqueeze(-1)
-            rmax = max(ranks)
-            kept = cum[..., min(rmax, S.shape[-1]) - 1].tolist()
-            r99 = ((cum < 0.99).sum(-1) + 1).tolist()
+        if not spectrum:
+            return stats, None
+        # exact spectrum of the task-arithmetic merge at the given strengths (original factors)
+        B, A, _ = _load_stack(batch, compute_dtype, dev)
+        wv = torch.cat([torch.full((r,), w[i], dtype=compute_dtype, device=dev) for i, r in zip(idx, ranks)])
+        _, S, _ = exact_svd(B * wv, A)
+        e2 = S.double() ** 2
+        tot = e2.sum(-1).clamp_min(1e-300)
+        cum = torch.cumsum(e2, -1) / tot.unsqueeze(-1)
+        rmax = max(ranks)
+        return stats, (cum[..., min(rmax, S.shape[-1]) - 1].tolist(), ((cum < 0.99).sum(-1) + 1).tolist())
+
+    for batch in batch_jobs(jobs, elem, dense=False):
+        idx = [i for i, _ in batch[0].active]
+        ranks = [mod.rank for _, mod in batch[0].active]
+        try:
+            stats, spec = run(batch)
+        except torch.linalg.LinAlgError as e:
+            raise locate_linalg_failure(e, batch, sources, compute_dtype, dev, rerun=run) from e
         for j, job in enumerate(batch):
             rec = {"inputs": idx, "ranks": ranks, **{k: v[j] for k, v in stats.items()}}
-            if spectrum:
+            if spec is not None:
+                kept, r99 = spec
                 rec["energy_kept_at_max_rank"] = kept[j]
                 rec["rank_for_99pct_energy"] = int(r99[j])
                 kept_at_rmax.append(kept[j])
                 rank99.append(int(r99[j]))
             records[job.key] = rec
+    extra_norms = inactive_norms(jobs, compute_dtype, dev, sources=sources)
     names = [_lora_name(l, i) for i, l in enumerate(loras)]
-    out = summarize(records, names, w)
+    out = summarize(records, names, w, extra_norms=extra_norms)
     for i, l in enumerate(loras):
         rk = [m.rank for m in l]
         out["loras"][i].update({"modules": len(l), "rank_min": min(rk) if rk else 0,

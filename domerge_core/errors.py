@@ -42,5 +42,11 @@ class MergeCancelled(DomergeError):
     """Raised through the progress callback when the user cancels (Ctrl-C, UI Cancel)."""
 
 
+class NumericalError(DomergeError):
+    """A linear-algebra step of the merge failed (a torch ``LinAlgError``: non-convergent SVD /
+    eigendecomposition) or met values it cannot represent (non-finite factors, or factors whose
+    update norm overflows the compute dtype). Names the input file(s) and the module key."""
+
+
 class InvalidParameterError(DomergeError):
     """A method parameter is out of range or unknown."""

@@ -8,6 +8,15 @@ write exactly (low-rank methods: stacked factors, rank Σr_i) or truncate (rank 
 
 The low-rank path (``ta``, ``do``, any method with ``lowrank=True``) never builds an m×n matrix;
 ``ties``/``dare`` materialise a bounded chunk of modules at a time.
+
+With a `MergeCache`, everything strength-free is kept per batch, stacked (factors, Grams, decouple
+magnitudes, diagnostics, even their Python lists), so a warm re-merge (a slider move) does only the
+strength-dependent work: one pass over the smaller factor (``ta``) or over the direction's down
+factor (``do``), the magnitude merge, and the report. Results are bit-identical to a cold merge.
+
+Numerical failures (a torch ``LinAlgError``; non-finite factors; factors whose update norm overflows
+the compute dtype) surface as `NumericalError`, a `DomergeError` naming the input file(s) and the
+module key, never as a bare torch exception.
 """
 from __future__ import annotations
 
@@ -22,9 +31,9 @@ from .cache import MergeCache
 from .decouple import (direction_down, direction_weights, magnitudes, merge_magnitudes, recombine_dense,
                        recombine_lowrank, split_blocks)
 from .devices import resolve_device, supports_float64
-from .errors import IncompatibleLorasError, InvalidParameterError
-from .linalg import (_qr, _svd, block_indicator, block_inner_products_from_grams, cosine_from_inner, mT,
-                     relative_tail_error, split_sqrt, truncate)
+from .errors import DomergeError, IncompatibleLorasError, InvalidParameterError, NumericalError
+from .linalg import (_qr, _svd, block_indicator, block_inner_products_from_grams, cosine_from_inner, frob_norm,
+                     mT, relative_tail_error, split_sqrt, truncate)
 from .lora import Lora, LoraModule
 from .orthogonalize import OrthOptions, orthogonalize
 from .progress import ProgressFn, report
@@ -173,6 +182,73 @@ def batch_jobs(jobs: Sequence[ModuleJob], elem_bytes: int, dense: bool) -> List[
 
 
 # --------------------------------------------------------------------------------------------
+# numerical failures
+
+def _sources(loras: Sequence[Lora]) -> List[str]:
+    return [l.source or f"input {i}" for i, l in enumerate(loras)]
+
+
+def _numerical(job: ModuleJob, files: Sequence[str], reason: str) -> NumericalError:
+    files = list(dict.fromkeys(files))
+    return NumericalError(f"module {job.key}: {reason}", file=", ".join(files) or None,
+                          key=job.first.source_name or job.key)
+
+
+def _overflow_reason(dtype) -> str:
+    hint = "" if dtype == torch.float64 else ", or merge with compute_dtype=torch.float64"
+    return (f"its factors are not finite, or too large for {str(dtype).replace('torch.', '')} "
+            f"computation (‖ΔW‖ overflows); check the file{hint}")
+
+
+def _bad_input(job: ModuleJob, sources: Sequence[str], dtype, device) -> Optional[NumericalError]:
+    """The error for the first active input of ``job`` whose update norm, computed alone, is not
+    finite (its factors are non-finite or overflow the compute dtype), else None."""
+    for i, mod in job.active:
+        up, down = mod.factors(dtype, device)
+        if not math.isfinite(abs(float(mod.scale)) * float(frob_norm(up, down))):
+            return _numerical(job, [sources[i]], _overflow_reason(dtype))
+    return None
+
+
+def check_finite_stats(batch: Sequence[ModuleJob], stats: Dict[str, torch.Tensor], sources: Sequence[str],
+                       dtype, device) -> None:
+    """Raise `NumericalError` (naming the file and the module) when a per-module statistic of a
+    batch (norms, cosines, ‖δ‖ ratios: r×r-sized, so the check is free) is not finite. A
+    non-finite or overflowing factor always shows up in its module's norms; the input is then
+    found by checking each one alone (a stacked product mixes the inputs: 0·inf is NaN)."""
+    flat = torch.cat([v.reshape(v.shape[0], -1) for v in stats.values()], -1)
+    bad = ~torch.isfinite(flat).all(-1)
+    if not bool(bad.any()):
+        return
+    job = batch[int(bad.nonzero()[0, 0])]
+    raise (_bad_input(job, sources, dtype, device) or
+           _numerical(job, [sources[i] for i, _ in job.active],
+                      "non-finite values in the orthogonalization (extreme factor values?)"))
+
+
+def locate_linalg_failure(err: BaseException, batch: Sequence[ModuleJob], sources: Sequence[str], dtype,
+                          device, rerun=None) -> NumericalError:
+    """A `NumericalError` for a torch ``LinAlgError`` raised while processing ``batch``: the input
+    whose factors are non-finite or overflow the compute dtype, else the module that fails when
+    ``rerun([job])`` runs it alone, else the batch's first module."""
+    for job in batch:
+        hit = _bad_input(job, sources, dtype, device)
+        if hit is not None:
+            return hit
+    culprit = batch[0]
+    if rerun is not None and len(batch) > 1:
+        for job in batch:
+            try:
+                rerun([job])
+            except torch.linalg.LinAlgError:
+                culprit = job
+                break
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return _numerical(culprit, [sources[i] for i, _ in culprit.active],
+                      f"a linear-algebra step failed ({msg}); the factors may hold extreme values")
+
+
+# --------------------------------------------------------------------------------------------
 # strength-free preparation (cacheable)
 
 def orth_options(params: Dict[str, Any]) -> OrthOptions:
@@ -207,33 +283,78 @@ def _load_stack(batch: Sequence[ModuleJob], dtype, device) -> Tuple[torch.Tensor
     return B, A, ranks
 
 
+def prepare_single(batch: Sequence[ModuleJob], dtype, device, cache: Optional[MergeCache] = None,
+                   sources: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Stacked strength-free factors of a batch with one active input, and their norms (N, 1):
+    {"B", "A", "ranks", "norms"}. Cached whole (a warm re-merge reads nothing); never modify the
+    tensors in place."""
+    keys = [_cache_key(job, dtype, device, "single") for job in batch]
+    bkey = ("single",) + tuple(keys)
+    if cache is not None:
+        hit = cache.get_stacked(bkey)
+        if hit is not None:
+            return hit
+    B, A, ranks = _load_stack(batch, dtype, device)
+    out = {"B": B, "A": A, "ranks": ranks, "norms": frob_norm(B, A).unsqueeze(-1),
+           "_refs": [mod for job in batch for _, mod in job.active]}
+    check_finite_stats(batch, {"norms": out["norms"]}, sources or _default_sources(batch), dtype, device)
+    if cache is not None:
+        cache.put_stacked(bkey, out, keys)
+    return out
+
+
+def _default_sources(batch: Sequence[ModuleJob]) -> List[str]:
+    n = 1 + max(i for job in batch for i, _ in job.present)
+    return [f"input {i}" for i in range(n)]
+
+
 def prepare_batch(batch: Sequence[ModuleJob], params: Dict[str, Any], dtype, device,
                   cache: Optional[MergeCache] = None, progress: Optional[ProgressFn] = None,
-                  counters: Optional[Dict[str, int]] = None, total: int = 0) -> Dict[str, Any]:
+                  counters: Optional[Dict[str, int]] = None, total: int = 0,
+                  sources: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Stacked strength-free factors of a batch (T ≥ 2 active inputs) and their diagnostics:
     {"B": (N,m,R), "A": (N,R,n), "ranks", "cos_before", "cos_after", "rel_delta_A", "rel_delta_B",
-    "norms" (N,T), "alpha": (N,T,n) or None}."""
+    "norms" (N,T), "alpha": (N,T,n) or None}.
+
+    With a cache, the whole stacked dict is cached for the batch (keyed by its modules' keys, which
+    hold the active inputs, the dtype, the device and the orthogonalization options): a warm
+    re-merge gets the very same tensors back, no copy. Never modify them in place; ``alpha`` is
+    filled in by the caller once and stays. When only the per-module entries are warm (the
+    modules were batched differently before), they are stacked once and the stack is cached."""
     do_orth = bool(params.get("orthogonalize"))
     opts = orth_options(params)
     okey = opts.key() if do_orth else None
+    sources = sources or _default_sources(batch)
     keys = [_cache_key(job, dtype, device, okey) for job in batch]
-    entries = [cache.get(k) for k in keys] if cache is not None else [None] * len(batch)
-    if all(e is not None for e in entries):
-        out = {name: torch.stack([e[name] for e in entries], 0) for name in TENSOR_NAMES}
-        out["ranks"] = entries[0]["ranks"]
-        out["alpha"] = (torch.stack([e["alpha"] for e in entries], 0)
-                        if all(e.get("alpha") is not None for e in entries) else None)
-        out["_entries"] = entries
-        if do_orth:
-            _tick(progress, counters, "orthogonalize", len(batch), total)
-        return out
+    bkey = ("batch",) + tuple(keys)
+    if cache is not None:
+        hit = cache.get_stacked(bkey)
+        if hit is not None:
+            if do_orth:
+                _tick(progress, counters, "orthogonalize", len(batch), total)
+            return hit
+        entries = [cache.get(k) for k in keys]
+        if all(e is not None for e in entries):
+            out = {name: torch.stack([e[name] for e in entries], 0) for name in TENSOR_NAMES}
+            out["ranks"] = entries[0]["ranks"]
+            out["alpha"] = (torch.stack([e["alpha"] for e in entries], 0)
+                            if all(e.get("alpha") is not None for e in entries) else None)
+            for j, e in enumerate(entries):          # the entries now view the new stack
+                for name in TENSOR_NAMES:
+                    e[name] = out[name][j]
+                if out["alpha"] is not None:
+                    e["alpha"] = out["alpha"][j]
+            out["_entries"] = entries
+            cache.put_stacked(bkey, out, keys)
+            if do_orth:
+                _tick(progress, counters, "orthogonalize", len(batch), total)
+            return out
     B, A, ranks = _load_stack(batch, dtype, device)
     if do_orth:
         res = orthogonalize(B, A, ranks, opts)
         out = {"B": res.B, "A": res.A, "cos_before": res.cos_before, "cos_after": res.cos_after,
                "rel_delta_A": res.rel_delta_A, "rel_delta_B": res.rel_delta_B,
                "norms": res.norms_before, "norms_after": res.norms_after, "GB": res.GB}
-        _tick(progress, counters, "orthogonalize", len(batch), total)
     else:
         GB = mT(B) @ B
         K = block_inner_products_from_grams(GB, A @ mT(A), ranks)
@@ -242,6 +363,9 @@ def prepare_batch(batch: Sequence[ModuleJob], params: Dict[str, Any], dtype, dev
         nrm = torch.diagonal(K, dim1=-2, dim2=-1).clamp_min(0).sqrt()
         out = {"B": B, "A": A, "cos_before": cos, "cos_after": cos, "rel_delta_A": z, "rel_delta_B": z,
                "norms": nrm, "norms_after": nrm, "GB": GB}
+    check_finite_stats(batch, {name: out[name] for name in STAT_NAMES}, sources, dtype, device)
+    if do_orth:
+        _tick(progress, counters, "orthogonalize", len(batch), total)
     out["ranks"] = ranks
     out["alpha"] = None
     if cache is not None:
@@ -254,6 +378,31 @@ def prepare_batch(batch: Sequence[ModuleJob], params: Dict[str, Any], dtype, dev
             cache.put(k, e)
             entries.append(e)
         out["_entries"] = entries
+        cache.put_stacked(bkey, out, keys)
+    return out
+
+
+def inactive_norms(jobs: Sequence[ModuleJob], dtype, device, cache: Optional[MergeCache] = None,
+                   sources: Optional[Sequence[str]] = None) -> Dict[str, List[Tuple[int, float]]]:
+    """``‖ΔW‖_F`` (strength 1) of every module of an input at strength 0: {key: [(input, norm)]}.
+    The merge leaves these inputs out, but the per-LoRA and per-block norms count every module a
+    LoRA has. From r×r Grams; cached per module object."""
+    out: Dict[str, List[Tuple[int, float]]] = {}
+    for job in jobs:
+        active = {i for i, _ in job.active}
+        for i, mod in job.present:
+            if i in active:
+                continue
+            ck = ("norm", job.key, id(mod), str(dtype), str(device))
+            v = cache.get_norm(ck) if cache is not None else None
+            if v is None:
+                up, down = mod.factors(dtype, device)
+                v = abs(float(mod.scale)) * float(frob_norm(up, down))
+                if not math.isfinite(v):
+                    raise _numerical(job, [(sources or _default_sources([job]))[i]], _overflow_reason(dtype))
+                if cache is not None:
+                    cache.put_norm(ck, mod, v)
+            out.setdefault(job.key, []).append((i, v))
     return out
 
 
@@ -340,6 +489,9 @@ def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[
     ≥ min(m, n)); ``seed``: DARE's draws; ``progress(done, total, stage)`` per module with stages
     "orthogonalize", "merge", "truncate" — raising from it cancels (nothing is written);
     ``cache``: a `MergeCache` reused across calls (sliders).
+
+    Raises `DomergeError` subclasses only (for the inputs' numbers: `NumericalError`, naming the
+    file(s) and the module key).
     """
     from .align import check_compatible
     from .methods import get_method
@@ -362,20 +514,26 @@ def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[
     ctx = MethodContext(seed=int(seed), device=dev, dtype=dtype)
     tags = input_tags(loras)
 
-    out_factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-    records: Dict[str, Dict[str, Any]] = {}
-    for batch in batches:
+    sources = _sources(loras)
+
+    def run(batch: List[ModuleJob], cache: Optional[MergeCache], progress: Optional[ProgressFn]):
+        """One batch: (up, down, ks, err, pre) with up/down on the device (N,m,k), (N,k,n)."""
         keys = [j.key for j in batch]
         idx = [i for i, _ in batch[0].active]
         wv = torch.tensor([w[i] for i in idx], dtype=dtype, device=dev)
         N = len(batch)
+        # Strengths scale the smaller factor (fewer bytes per slider move); the cached factors
+        # are never modified in place, so an in-place step below only touches a fresh tensor.
+        first = batch[0].first
+        scale_up = first.out_features <= first.in_features
         if len(idx) == 1:
             # one active input: every method is the identity, λ·w·ΔW exactly
-            B, A, ranks = _load_stack(batch, dtype, dev)
-            upd = LowRankUpdate(B.mul_(lam * wv[0]), A)
-            pre = None
+            pre = prepare_single(batch, dtype, dev, cache, sources)
+            ranks = pre["ranks"]
+            s = lam * wv[0]
+            upd = LowRankUpdate(pre["B"] * s, pre["A"]) if scale_up else LowRankUpdate(pre["B"], pre["A"] * s)
         else:
-            pre = prepare_batch(batch, p, dtype, dev, cache, progress, counters, total)
+            pre = prepare_batch(batch, p, dtype, dev, cache, progress, counters, total, sources)
             ranks = pre["ranks"]
             Bh, Ah = pre["B"], pre["A"]                       # may be cached: never modified in place
             E = block_indicator(ranks, dev, dtype)            # R×T
@@ -384,21 +542,30 @@ def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[
                 if alpha is None:
                     Bs, As = split_blocks(Bh, Ah, ranks)
                     alpha = magnitudes(Bs, As, GB=pre["GB"])
+                    pre["alpha"] = alpha
                     for j, e in enumerate(pre.get("_entries") or []):
                         e["alpha"] = alpha[j]
-                up_in = Bh * (E @ direction_weights(wv)).unsqueeze(-2)
-                down_in = direction_down(Ah, alpha, ranks)
+                # directions w_i/g · B̂_i (Â_i diag(1/α_i)): the coefficients ride on the new down
+                up_in = Bh
+                down_in = direction_down(Ah, alpha, ranks, direction_weights(wv))
                 alpha_star = merge_magnitudes(alpha, wv, p["magnitude"])
+            elif scale_up:
+                up_in, down_in = Bh * (E @ wv).unsqueeze(-2), Ah
             else:
-                up_in = Bh * (E @ wv).unsqueeze(-2)
-                down_in = Ah
+                up_in, down_in = Bh, Ah * (E @ wv).unsqueeze(-1)
+            fresh = {id(t) for t in (up_in, down_in) if t is not Bh and t is not Ah}
             upd = spec.fn(TaskSet(up_in, down_in, list(ranks), keys, idx, [tags[i] for i in idx]), p, ctx)
             if isinstance(upd, LowRankUpdate):
                 if p["decouple"]:
                     up, down = recombine_lowrank(upd.up, upd.down, alpha_star, p["recombine"], lam,
-                                                 inplace=upd.down is down_in)
+                                                 inplace=id(upd.down) in fresh)
                 elif lam != 1.0:
-                    up, down = (upd.up.mul_(lam) if upd.up is up_in else upd.up * lam), upd.down
+                    if id(upd.down) in fresh:
+                        up, down = upd.up, upd.down.mul_(lam)
+                    elif id(upd.up) in fresh:
+                        up, down = upd.up.mul_(lam), upd.down
+                    else:
+                        up, down = upd.up * lam, upd.down
                 else:
                     up, down = upd.up, upd.down
                 upd = LowRankUpdate(up, down)
@@ -422,19 +589,33 @@ def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[
             target = rank if rank is not None else sum(ranks)
             up, down, ks, err = _dense_factorize(upd.delta, target, energy, seed)
             _tick(progress, counters, "truncate", N, total)
+        return up, down, ks, err, pre
 
+    out_factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    records: Dict[str, Dict[str, Any]] = {}
+    for batch in batches:
+        try:
+            up, down, ks, err, pre = run(batch, cache, progress)
+        except torch.linalg.LinAlgError as e:
+            raise locate_linalg_failure(e, batch, sources, dtype, dev,
+                                        rerun=lambda b: run(b, None, None)) from e
+        idx = [i for i, _ in batch[0].active]
         up, down = up.cpu(), down.cpu()
         ks_l, err_l = ks.tolist(), err.tolist()
-        stats = None
-        if pre is not None:
-            stats = {name: pre[name].tolist() for name in STAT_NAMES}
+        stats = pre.get("_lists")            # strength-free: converted once per (cached) batch
+        if stats is None:
+            names = STAT_NAMES if len(idx) > 1 else ("norms",)
+            stats = {name: pre[name].tolist() for name in names}
+            if len(idx) == 1:
+                stats["norms_after"] = stats["norms"]
+            pre["_lists"] = stats
         for j, job in enumerate(batch):
             k = int(ks_l[j])
             out_factors[job.key] = (up[j, :, :k].contiguous(), down[j, :k, :].contiguous())
             rec = {"inputs": idx, "rank": k, "rel_error": float(err_l[j])}
-            if stats is not None:
-                rec.update({name: stats[name][j] for name in stats})
+            rec.update({name: stats[name][j] for name in stats})
             records[job.key] = rec
+    extra_norms = inactive_norms(jobs, dtype, dev, cache, sources)
 
     modules: Dict[str, LoraModule] = {}
     for job in jobs:
@@ -454,5 +635,6 @@ def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[
     merged = Lora(modules=modules, format="merged", source="<merged>", metadata={}, dtype=first_lora.dtype,
                   base_model=first_lora.base_model, layout=layout)
     from .diagnostics import merge_report
-    rep = merge_report(loras, w, spec.name, p, records, jobs, rank=rank, energy=energy)
+    rep = merge_report(loras, w, spec.name, p, records, jobs, rank=rank, energy=energy,
+                       extra_norms=extra_norms)
     return MergeResult(lora=merged, method=spec.name, params=p, weights=w, inputs=loras, report=rep)

@@ -70,6 +70,19 @@ class OrthResult:
     GB: Optional[Tensor] = None   # (N, R, R) B̂ᵀB̂ (for the decouple magnitudes)
 
 
+def _safe_inverse(x: Tensor) -> Tensor:
+    """1/x, and 0 where x is 0 or below the dtype's smallest normal number (a zero block, or one
+    whose Gram underflowed: its reciprocal would overflow)."""
+    tiny = torch.finfo(x.dtype).tiny
+    return torch.where(x > tiny, 1.0 / x.clamp_min(tiny), torch.zeros_like(x))
+
+
+def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num/den, and 0 where den is 0 (a zero block: ‖δ‖/‖X‖ is 0, not 0/0)."""
+    tiny = torch.finfo(den.dtype).tiny
+    return torch.where(den > tiny, num / den.clamp_min(tiny), torch.zeros_like(num))
+
+
 def _block_norms(X: Tensor, E: Tensor) -> Tensor:
     """Frobenius norm of each block of rows (…, T)."""
     return ((X * X).sum(-1) @ E).clamp_min(0).sqrt()
@@ -89,7 +102,7 @@ def descend(X0: Tensor, ranks: Sequence[int], opts: OrthOptions) -> Tuple[Tensor
     off = 1.0 - E @ mT(E)                                            # 1 on cross-block entries
     nrm = _block_norms(X0, E)                                        # (…, T)
     row_scale = nrm @ mT(E)                                          # (…, R)
-    inv = torch.where(row_scale > 0, 1.0 / row_scale.clamp_min(1e-300), torch.zeros_like(row_scale))
+    inv = _safe_inverse(row_scale)
     Y0 = X0 * inv.unsqueeze(-1)
     gamma = float(opts.gamma)
     loss0 = _cross_loss(Y0, off)
@@ -186,8 +199,8 @@ def orthogonalize_qr(B: Tensor, A: Tensor, ranks: Sequence[int], opts: OrthOptio
         GB1, GA1 = XB1 @ mT(XB1), XA1 @ mT(XA1)
         K1 = block_inner_products_from_grams(GB1, GA1, ranks)
         cos_after = cosine_from_inner(K1)
-        dA = _block_norms(XA1 - XA, E) / _block_norms(XA, E).clamp_min(1e-300)
-        dB = _block_norms(XB1 - XB, E) / _block_norms(XB, E).clamp_min(1e-300)
+        dA = _safe_ratio(_block_norms(XA1 - XA, E), _block_norms(XA, E))
+        dB = _safe_ratio(_block_norms(XB1 - XB, E), _block_norms(XB, E))
     else:
         XA1, XB1, cos_after = XA, XB, cos_before
         dA = dB = torch.zeros(XA.shape[:-2] + (len(ranks),), dtype=XA.dtype, device=XA.device)
@@ -295,7 +308,7 @@ def descend_gram(G: Tensor, ranks: Sequence[int], opts: OrthOptions) -> Tuple[Te
     diag_mask = E @ mT(E)
     nrm = (torch.diagonal(G, dim1=-2, dim2=-1) @ E).clamp_min(0).sqrt()      # (…, T)
     row = nrm @ mT(E)                                                         # (…, R)
-    inv = torch.where(row > 0, 1.0 / row.clamp_min(1e-300), torch.zeros_like(row))
+    inv = _safe_inverse(row)
     G0 = G * inv.unsqueeze(-1) * inv.unsqueeze(-2)
     loss0 = 0.5 * ((G0 * G0) * off).sum((-1, -2))
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
@@ -341,7 +354,7 @@ def _block_rel_delta(Tm: Tensor, G: Tensor, E: Tensor) -> Tensor:
     M = Tm - torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     d2 = ((M @ G) * M).sum(-1) @ E
     n2 = torch.diagonal(G, dim1=-2, dim2=-1) @ E
-    return (d2.clamp_min(0) / n2.clamp_min(1e-300)).sqrt()
+    return _safe_ratio(d2.clamp_min(0), n2).sqrt()
 
 
 def orthogonalize_gram(B: Tensor, A: Tensor, ranks: Sequence[int], opts: OrthOptions,

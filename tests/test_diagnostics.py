@@ -95,3 +95,41 @@ def test_demo_runs_and_shows_the_method(tmp_path):
     assert len(out["written"]) == 2 and all(p.endswith(".safetensors") for p in out["written"])
     assert out["seconds"] < 10
     assert any("DO-Merging" in l for l in lines)
+
+
+def test_norms_count_every_module_a_lora_has():
+    """Per-LoRA and per-block ‖ΔW‖ (strength 1) over *every* module a LoRA has: modules shared
+    with other LoRAs, modules only it has (they used to be left out: their records had no norms),
+    and all its modules when its strength is 0 (the merge leaves it out). Dense float64 sums."""
+    from domerge_core.merging import merge
+    K = list(KEYS)
+    only = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"     # a block only LoRA 2 has
+    shapes = {**KEYS, only: (40, 48)}
+    have = [{K[0], K[1], K[2]}, {K[0], K[2]}, {K[0], only}]
+    g = torch.Generator().manual_seed(3)
+    loras = []
+    for i, keys in enumerate(have):
+        mods = {k: LoraModule.from_tensors(k, (i + 1) * torch.randn(shapes[k][0], 3, generator=g),
+                                           torch.randn(3, shapes[k][1], generator=g), 0.7)
+                for k in shapes if k in keys}
+        loras.append(Lora(mods, "kohya", source=f"l{i}.safetensors"))
+
+    def expect(i, block=None):
+        ks = [k for k in loras[i].modules if block is None or block_of(k) == block]
+        return math.sqrt(sum(float(dense(loras[i], k).norm() ** 2) for k in ks))
+
+    for weights in ([1.0, 0.5, 2.0], [1.0, 0.5, 0.0]):
+        reports = [merge(loras, m, weights=weights, device="cpu").report["diagnostics"] for m in ("ta", "do")]
+        reports.append(analyze(loras, weights=weights, device="cpu", spectrum=False))
+        for d in reports:
+            d = json.loads(json.dumps(d))
+            for i in range(3):
+                ref = expect(i)
+                assert abs(d["loras"][i]["update_norm"] - ref) < 1e-5 * ref, (weights, i)
+                for blk, b in d["blocks"].items():
+                    rb = expect(i, blk)
+                    assert abs(b["update_norms"][i] - rb) < 1e-5 * max(rb, 1e-12), (weights, i, blk)
+            assert set(d["blocks"]) == {block_of(k) for k in shapes}
+            assert d["blocks"][block_of(only)]["update_norms"][2] > 0
+        merged = reports[0]["loras"]
+        assert [l["modules_merged"] for l in merged] == ([3, 2, 2] if weights[2] else [3, 2, 0])

@@ -81,3 +81,18 @@ def test_inner_products_norms_and_column_norms_from_grams():
     assert torch.allclose(torch.diagonal(C, dim1=-2, dim2=-1), torch.ones(2, 3, dtype=C.dtype))
     assert torch.allclose(L.col_norms(B, A), (B @ A).norm(dim=-2), rtol=1e-10)
     assert torch.allclose(L.frob_norm(B, A), (B @ A).norm(dim=(-1, -2)), rtol=1e-10)
+
+
+def test_balanced_keeps_input_rank_when_rank_exceeds_a_dimension():
+    """A rank-8 LoRA on a layer with in_features 4 (and a rank-64 one on SD's conv_in, in·kh·kw = 36):
+    the product has ≤ min(m, n) singular values; the balanced factors keep r columns / rows (zero
+    padded) so stacked factors keep their block layout."""
+    for m, r, n in ((64, 8, 4), (320, 64, 36), (6, 10, 30)):
+        B, A = rnd(2, m, r, seed=14), rnd(2, r, n, seed=15)
+        b, a = L.balanced(B, A)
+        assert b.shape == (2, m, r) and a.shape == (2, r, n)
+        D = B @ A
+        assert torch.allclose(b @ a, D, atol=1e-10 * float(D.abs().max()))
+        assert torch.allclose(b.mT @ b, a @ a.mT, atol=1e-9 * float(D.norm()))
+        k = min(m, n)
+        assert float(b[..., k:].abs().max()) == 0.0 and float(a[..., k:, :].abs().max()) == 0.0

@@ -282,3 +282,148 @@ def test_decouple_stops_a_x10_lora_from_dominating():
     for c in (do, dec):
         assert min(c) / max(c) > 0.7, c                        # decoupled: every LoRA is represented
         assert c[0] < 0.8
+
+
+# ----------------------------------------------------------------------------- numerical failures
+
+def _poisoned(value, key=LIN2, victim=1, dtype=torch.float32):
+    """Three in-memory LoRAs (no reader checks) with one entry of ``victim``'s up in ``key`` set to
+    ``value``. LIN and LIN2 have the same shape, so they are batched together: the error must still
+    name the right module."""
+    loras = make(T=3, seed=4, dtype=dtype)
+    mod = loras[victim][key]
+    up, down = mod.factors(dtype)
+    up = up.clone()
+    up[3, 1] = value
+    loras[victim].modules[key] = LoraModule.from_tensors(key, up, down, mod.scale)
+    return loras
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e30, 1e20], ids=["inf", "nan", "1e30", "1e20"])
+@pytest.mark.parametrize("method,kw", [
+    ("do", {}), ("do", {"params": {"orth_optimizer": "adam"}}), ("ta", {}), ("ta", {"rank": 3}),
+    ("ties", {}), ("do", {"compute_dtype": torch.float64, "value_ok": (1e30, 1e20)})],
+    ids=["do", "do-adam", "ta", "ta-rank", "ties", "do-f64"])
+def test_extreme_values_raise_a_domerge_error_naming_file_and_key(value, method, kw):
+    """inf/NaN, or values whose Grams overflow float32 (they used to raise torch's _LinAlgError from
+    eigh/svd, or to return non-finite factors silently): a NumericalError (a DomergeError) naming
+    the input file and the module key. In float64 the huge-but-finite values merge fine."""
+    from domerge_core.errors import DomergeError
+    from domerge_core.errors import NumericalError
+    kw = dict(kw)
+    ok = kw.pop("value_ok", ())
+    loras = _poisoned(value)
+    if value in ok:
+        res = merge(loras, method, device="cpu", **kw)
+        assert all(torch.isfinite(t).all() for m in res.lora for t in m.factors(torch.float64))
+        return
+    with pytest.raises(NumericalError) as e:
+        merge(loras, method, device="cpu", **kw)
+    assert isinstance(e.value, DomergeError)
+    msg = str(e.value)
+    assert "in1.safetensors" in msg and LIN2 in msg and e.value.file == "in1.safetensors", msg
+    # torch's own failure (e.g. eigh on an overflowed Gram) is chained, never raised bare
+    assert e.value.__cause__ is None or isinstance(e.value.__cause__, torch.linalg.LinAlgError)
+
+
+@pytest.mark.parametrize("value", [float("inf"), 1e20])
+def test_analyze_raises_a_domerge_error_naming_file_and_key(value):
+    from domerge_core.diagnostics import analyze
+    from domerge_core.errors import NumericalError
+    with pytest.raises(NumericalError) as e:
+        analyze(_poisoned(value, key=LIN, victim=2), device="cpu")
+    assert "in2.safetensors" in str(e.value) and LIN in str(e.value)
+
+
+def test_extreme_values_in_a_module_only_one_lora_has_or_at_strength_zero():
+    from domerge_core.errors import NumericalError
+    loras = make(T=2, seed=5, keys=[set(SHAPES), {LIN}])
+    up, down = loras[0][TE].factors()
+    up = up.clone()
+    up[0, 0] = float("inf")
+    loras[0].modules[TE] = LoraModule.from_tensors(TE, up, down, 1.0)
+    for w in ([1.0, 1.0], [0.0, 1.0]):         # TE only in input 0; then input 0 at strength 0
+        with pytest.raises(NumericalError) as e:
+            merge(loras, "do", weights=w, device="cpu")
+        assert "in0.safetensors" in str(e.value) and TE in str(e.value)
+
+
+def test_a_zero_module_is_not_a_numerical_error():
+    """An all-zero up (an untrained module) is legal: merged, and the report stays finite."""
+    loras = make(T=3, seed=6)
+    up, down = loras[1][LIN].factors()
+    loras[1].modules[LIN] = LoraModule.from_tensors(LIN, torch.zeros_like(up), down, 1.0)
+    for method in ("do", "ta"):
+        res = merge(loras, method, device="cpu")
+        rep = json.loads(json.dumps(res.report, allow_nan=False))
+        assert rep["modules"][LIN]["rel_delta_A"][1] == 0.0
+        ref = merge([loras[0], loras[2]], method, device="cpu") if method == "ta" else None
+        if ref is not None:
+            assert rel(d64(res.lora[LIN]), d64(ref.lora[LIN])) < 1e-6
+
+
+# ----------------------------------------------------------------------------- warm re-merge
+
+def _snapshot(cache):
+    out = []
+    for value, _ in cache._stacked.values():
+        for k in ("B", "A", "alpha"):
+            if value.get(k) is not None:
+                out.append(value[k].clone())
+    return out
+
+
+@pytest.mark.parametrize("method,params", [("ta", {}), ("ta", {"lam": 0.6}), ("do", {}),
+                                           ("do", {"recombine": "v2", "lam": 1.3}), ("ties", {"lam": 0.8}),
+                                           ("ta", {"decouple": True, "lam": 0.5})])
+def test_warm_remerge_reuses_stacked_batches_and_stays_bit_identical(method, params):
+    """A warm strength change gets the stacked per-batch tensors back from the cache (no re-stacking),
+    never modifies them in place (whichever factor carries the strengths, with λ ≠ 1), and gives
+    exactly the cold result; a change of the active set (a strength to 0) misses and is exact too."""
+    keys = [set(SHAPES), set(SHAPES), {LIN, CONV}]           # TE/LIN2 in two inputs, not in the third
+    loras = make(corr=0.3, keys=keys)
+    cache = MergeCache()
+    merge(loras, method, params, weights=[1.0, 1.0, 1.0], device="cpu", cache=cache)
+    snap = _snapshot(cache)
+    assert cache.stacked_misses > 0 and cache.stacked_hits == 0
+    for w in ([0.3, 2.0, -1.0], [1.2, 0.5, 0.7], [1.0, 0.0, 0.4], [0.9, 1.1, 0.0]):
+        before = cache.stats()
+        warm = merge(loras, method, params, weights=w, device="cpu", cache=cache)
+        fresh = merge(loras, method, params, weights=w, device="cpu")
+        for key in fresh.lora.modules:
+            for x, y in zip(warm.lora[key].factors(), fresh.lora[key].factors()):
+                assert torch.equal(x, y), (w, key)
+        assert warm.report["modules"] == fresh.report["modules"]
+        assert warm.report["diagnostics"] == fresh.report["diagnostics"]
+        if w == [0.3, 2.0, -1.0] or w == [1.2, 0.5, 0.7]:
+            after = cache.stats()
+            assert after["stacked_hits"] > before["stacked_hits"]
+            assert after["stacked_misses"] == before["stacked_misses"] and after["misses"] == before["misses"]
+            cur = _snapshot(cache)
+            assert len(cur) == len(snap) and all(torch.equal(a, b) for a, b in zip(cur, snap))
+    # back to all active: everything is still cached
+    before = cache.stats()
+    merge(loras, method, params, weights=[0.7, 0.7, 0.7], device="cpu", cache=cache)
+    assert cache.stats()["misses"] == before["misses"]
+
+
+def test_cache_keeps_one_stacked_copy_per_module_and_bounds_it():
+    loras = make(corr=0.3)
+    cache = MergeCache()
+    merge(loras, "do", device="cpu", cache=cache)
+    n_stacked = cache.stats()["stacked"]
+    assert n_stacked > 0
+    # the module entries view the stacked tensors (no second copy)
+    value, members = next(iter(cache._stacked.values()))
+    e = cache._entries[members[0]]
+    assert e["B"].untyped_storage().data_ptr() == value["B"].untyped_storage().data_ptr()
+    for bound in (1, 2, 3):                     # LIN and LIN2 are one batch of 2
+        small = MergeCache(max_entries=bound)
+        res = merge(loras, "do", device="cpu", cache=small)
+        assert len(small) == bound and sum(len(m) for _, m in small._stacked.values()) <= bound
+        again = merge(loras, "do", device="cpu", cache=small)          # still exact
+        for key in SHAPES:
+            assert torch.equal(res.lora[key].factors()[1], again.lora[key].factors()[1])
+    small.clear()
+    assert small.stats() == {"entries": 0, "hits": 0, "misses": 0, "stacked": 0, "stacked_hits": 0,
+                             "stacked_misses": 0}

@@ -125,7 +125,7 @@ def plot_data(report: Dict, names: Optional[Sequence[str]] = None) -> List[tuple
     """[(key, builder, kwargs)] for what the report holds; missing parts are skipped, not guessed.
 
     - ``block_norms``: ``diagnostics.blocks[b].update_norms`` (‖ΔWᵢ‖_F at strength 1, over the
-      modules merged from ≥ 2 LoRAs) times |strengthᵢ|;
+      every module each LoRA has) times |strengthᵢ|;
     - ``cosine``: ``diagnostics.cosine_before`` / ``cosine_after`` (after only when orthogonalizing);
     - ``truncation``: per-module ``rel_error`` from ``modules`` when a rank or energy was set,
       shown as the energy kept, 1 − rel_error².

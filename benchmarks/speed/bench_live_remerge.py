@@ -1,7 +1,7 @@
 """How fast does a live strength-slider move re-merge? (notebook toolkit, issue 5)
 
-Three real-shape synthetic SDXL LoRAs (UNet attention modules + both text encoders, rank 32,
-alpha 16, fp16, kohya SGM names: 722 + 72 + 192 = 986 modules each) are written to /tmp once.
+Three real-shape synthetic SDXL LoRAs (UNet attention modules + both text encoders, rank 32, fp16,
+kohya SGM names: 722 + 72 + 192 = 986 modules each; ``benchmarks/synthetic.py``) are written to /tmp once.
 Then, for each method:
 
 - ``cold``: the first merge through a fresh ``MergeCache`` (balanced forms, orthogonalization, ...);
@@ -36,56 +36,6 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-SDXL_UNET = dict(
-    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-
-
-def sdxl_shapes() -> Dict[str, tuple]:
-    """Canonical key -> (out, in) of what kohya's sd-scripts targets on SDXL (no LoCon) + CLIP-L/bigG."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET)
-    out: Dict[str, tuple] = {}
-    for name, mod in unet.named_modules():
-        if mod.__class__.__name__ != "Transformer2DModel":
-            continue
-        for cname, ch in mod.named_modules():
-            if isinstance(ch, torch.nn.Linear):
-                out[f"unet.{name}.{cname}"] = (ch.out_features, ch.in_features)
-    for comp, hidden, layers, inter in (("text_encoder", 768, 12, 3072), ("text_encoder_2", 1280, 32, 5120)):
-        for i in range(layers):
-            p = f"{comp}.text_model.encoder.layers.{i}."
-            for k in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                out[p + "self_attn." + k] = (hidden, hidden)
-            out[p + "mlp.fc1"] = (inter, hidden)
-            out[p + "mlp.fc2"] = (hidden, inter)
-    return out
-
-
-def write_synthetic(path: str, shapes: Dict[str, tuple], rank: int, alpha: float, seed: int) -> None:
-    from domerge_core import LoraModule, Lora, tiny
-
-    g = torch.Generator().manual_seed(seed)
-    mods = {}
-    for key, (m, n) in shapes.items():
-        down = (torch.randn(rank, n, generator=g) / n ** 0.5).half()
-        up = (torch.randn(m, rank, generator=g) * 0.01).half()
-        mods[key] = LoraModule.from_tensors(key, up, down, alpha / rank)
-    lora = Lora(modules=mods, format="kohya", source=path, dtype=torch.float16, base_model="sdxl")
-    tmp = path + ".tmp"
-    tiny.write_kohya(lora, tmp, sgm=True, alpha_dtype=torch.float16,
-                     metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
-                               "ss_base_model_version": "sdxl_base_v1-0"})
-    os.replace(tmp, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default="do,ta")
@@ -100,14 +50,11 @@ def main() -> None:
     import domerge_core as core
     from domerge_widgets import MergePanel
 
-    os.makedirs(args.dir, exist_ok=True)
-    paths = [os.path.join(args.dir, f"sdxl_r{args.rank}_{i}.safetensors") for i in range(3)]
-    if not all(os.path.isfile(p) for p in paths):
-        t = time.perf_counter()
-        shapes = sdxl_shapes()
-        for i, p in enumerate(paths):
-            write_synthetic(p, shapes, args.rank, 16.0, seed=i)
-        print(f"wrote 3 synthetic SDXL LoRAs ({len(shapes)} modules each) in {time.perf_counter() - t:.1f} s")
+    from benchmarks.synthetic import write_set
+
+    t = time.perf_counter()
+    paths = write_set(args.dir, model="sdxl", count=3, rank=args.rank, te=True)   # reused when present
+    print(f"inputs ready in {time.perf_counter() - t:.1f} s")
     loras = [core.load_lora(p) for p in paths]
     print(f"inputs: {len(loras[0])} modules each, rank {args.rank}, {os.path.getsize(paths[0]) / 2**20:.0f} MiB each; "
           f"torch threads {torch.get_num_threads()}, device {args.device}")

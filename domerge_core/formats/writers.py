@@ -165,7 +165,8 @@ def plan_state_dict(lora: Lora, format: Optional[str] = None, *, dtype: Optional
         def make():
             if m.key not in pending:
                 up, down = _file_factors(m, dtype, loader_scale)
-                if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+                if not all(math.isfinite(float(x)) for t in (up, down) if t.numel()
+                           for x in torch.aminmax(t.reshape(-1))):
                     raise LoraFormatError(f"module {m.key} does not fit in {str(dtype).replace('torch.', '')} "
                                           f"(values overflow); write it with a wider dtype (fp32)",
                                           file=lora.source, key=m.source_name or m.key)

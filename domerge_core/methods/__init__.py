@@ -11,7 +11,9 @@ Calling convention of ``MethodSpec.fn`` (what a new method file implements)::
   first already applied: format scale folded into up, balanced form and orthogonalization (if
   ``orthogonalize``), the decouple direction normalisation (if ``decouple``), and the user strength
   (``w_i``; with decouple ``w_i / max|w|``). So a method only *combines tasks*: ``ta`` stacks the
-  factors, ``ties``/``dare`` materialise ``tasks.dense(i)`` for this batch only.
+  factors, ``ties``/``dare`` materialise ``tasks.dense(i)`` for this batch only. ``tasks.up`` and
+  ``tasks.down`` may be the cached factors themselves (`MergeCache`; the strengths ride on one
+  factor only): never modify them in place, return new tensors (or the inputs unchanged).
 - ``params`` is the resolved parameter dict (the method's own and the plug-in ones); ``ctx`` has
   ``seed`` (use `base.module_seed(ctx.seed, key, tasks.tags[i])` for random draws so results do
   not depend on batching or on the other inputs), ``device`` and ``dtype``.
