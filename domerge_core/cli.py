@@ -233,17 +233,23 @@ def _write_json_atomic(path: str, data: Any, overwrite: bool) -> None:
 
 def _print_merge_summary(result, path: str, elapsed: float) -> None:
     rep = result.report or {}
-    summary = rep.get("summary", {})
+    summary, diag = rep.get("summary", {}), rep.get("diagnostics", {})
     print(f"merged {len(result.inputs)} LoRAs with {result.method} -> {path}")
-    print(f"  modules      {len(result.lora)}")
+    print(f"  modules           {summary.get('modules', len(result.lora))}")
     ranks = sorted({m.rank for m in result.lora})
     if ranks:
-        print(f"  output rank  {ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else ""))
-    for key, label in (("mean_abs_cos_before", "mean |cos| before"), ("mean_abs_cos_after", "mean |cos| after"),
-                       ("max_rel_truncation_error", "max trunc err"), ("magnitude_variance", "magnitude var")):
-        if key in summary and summary[key] is not None:
-            print(f"  {label:<17s}{summary[key]:.4g}")
-    print(f"  time         {elapsed:.2f} s")
+        print(f"  output rank       {ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else ""))
+    if summary.get("rel_error_max"):
+        print(f"  truncation error  max {summary['rel_error_max']:.3g}, mean {summary.get('rel_error_mean', 0):.3g}"
+              " (relative, per module)")
+    if diag.get("mean_abs_cos_before") is not None:
+        after = diag.get("mean_abs_cos_after")
+        print(f"  mean |cos|        {diag['mean_abs_cos_before']:.4g}"
+              + (f" -> {after:.4g} after orthogonalization" if after is not None
+                 and result.params.get("orthogonalize") else ""))
+    if diag.get("magnitude_variance") is not None:
+        print(f"  magnitude var.    {diag['magnitude_variance']:.4g}")
+    print(f"  time              {elapsed:.2f} s")
 
 
 # ----------------------------------------------------------------------------- demo / methods

@@ -427,3 +427,22 @@ def test_cache_keeps_one_stacked_copy_per_module_and_bounds_it():
     small.clear()
     assert small.stats() == {"entries": 0, "hits": 0, "misses": 0, "stacked": 0, "stacked_hits": 0,
                              "stacked_misses": 0}
+
+
+def test_cli_merge_prints_rank_error_and_cosines(tmp_path):
+    """The CLI's summary shows what the merge did: output rank, truncation error, cosines."""
+    import subprocess
+    import sys
+    from domerge_core.formats import save_lora
+    paths = [save_lora(l, str(tmp_path / f"in{i}.safetensors"), format="kohya")
+             for i, l in enumerate(make(T=2, corr=0.5))]
+    out = tmp_path / "out.safetensors"
+    r = subprocess.run([sys.executable, "-m", "domerge_core", "merge", *paths, "-o", str(out),
+                        "--method", "do", "--rank", "2", "--report", str(tmp_path / "r.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "output rank       2" in r.stdout
+    assert "truncation error  max" in r.stdout
+    assert "after orthogonalization" in r.stdout
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["diagnostics"]["mean_abs_cos_after"] < rep["diagnostics"]["mean_abs_cos_before"]
