@@ -1,9 +1,9 @@
-"""Matplotlib figures drawn from the numbers the core reports (no merging math here).
+"""Matplotlib figures of a merge's diagnostics (``MergeResult.report``), shared by every adapter:
+the notebook panel shows them as PNGs, the ComfyUI report node as one IMAGE.
 
-Figures are built on `matplotlib.figure.Figure` with the Agg canvas, never through pyplot: that
-keeps them thread-safe (the panel merges on a worker thread) and free of the notebook backend.
-The panel shows them as PNG in `ipywidgets.Image`, which works the same in JupyterLab, Voilà and
-nbclient.
+Needs matplotlib (the ``notebook`` extra; ComfyUI ships it); nothing else in the core imports
+this module. Figures are built on `matplotlib.figure.Figure` with the Agg canvas, never through
+pyplot: thread-safe (the panel merges on a worker thread) and free of any notebook backend.
 """
 from __future__ import annotations
 
@@ -177,6 +177,19 @@ def render_pngs(report: Dict, names: Optional[Sequence[str]] = None,
             cache[key] = (fp, png)
         out[key] = png
     return out
+
+
+def report_image(report: Dict, names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """The report's figures side by side as one H×W×3 float array in [0, 1] (white padding)."""
+    arrays = []
+    for _, fig in figures_from_report(report, names):
+        fig.canvas.draw()
+        arrays.append(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+    if not arrays:
+        return np.ones((64, 64, 3), dtype=np.float32)
+    h = max(a.shape[0] for a in arrays)
+    padded = [np.pad(a, ((0, h - a.shape[0]), (0, 0), (0, 0)), constant_values=255) for a in arrays]
+    return np.concatenate(padded, axis=1).astype(np.float32) / 255.0
 
 
 def _numeric(v) -> bool:
