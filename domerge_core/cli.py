@@ -101,7 +101,7 @@ def _print_analysis(a: Dict[str, Any], names: Sequence[str]) -> None:
 def cmd_inspect(args) -> int:
     import domerge_core as dc
 
-    from .inspect import format_description
+    from .formats.describe import format_description
 
     # describe() reads headers only (no torch import): fast even on a 1 GB file.
     descs = [dict(dc.describe(p)) for p in args.files]
@@ -225,7 +225,7 @@ def cmd_merge(args) -> int:
 
 
 def _write_json_atomic(path: str, data: Any, overwrite: bool) -> None:
-    from .io import atomic_write
+    from .formats.safetensors import atomic_write
 
     payload = json.dumps(data, indent=2, default=str).encode()
     atomic_write(path, lambda f: f.write(payload), overwrite=overwrite)

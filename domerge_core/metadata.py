@@ -58,7 +58,7 @@ def _jsonable(v: Any) -> Any:
 
 
 def input_record(lora: Lora, weight: float) -> Dict[str, Any]:
-    from .io import sha256_cached
+    from .formats.safetensors import sha256_cached
 
     src = lora.source
     sha = None

@@ -11,11 +11,11 @@ from .lora_list import CATEGORY
 
 
 def render(report: dict) -> np.ndarray:
-    """The core's diagnostics figures (domerge_core.plots) as one H×W×3 float array in [0, 1]."""
+    """The core's diagnostics figures (domerge_core.report.plots) as one H×W×3 float array in [0, 1]."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from domerge_core.plots import report_image
+    from domerge_core.report.plots import report_image
 
     return report_image(report)
 

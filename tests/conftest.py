@@ -32,33 +32,33 @@ needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="the [diffusers] 
 
 @pytest.fixture(scope="session")
 def sd1_pipe(tmp_path_factory):
-    from domerge_core import tiny
+    from domerge_core.testing import tiny
     return tiny.tiny_sd1(folder=str(tmp_path_factory.mktemp("tok_sd1")))
 
 
 @pytest.fixture(scope="session")
 def sdxl_pipe(tmp_path_factory):
-    from domerge_core import tiny
+    from domerge_core.testing import tiny
     return tiny.tiny_sdxl(folder=str(tmp_path_factory.mktemp("tok_sdxl")))
 
 
 @pytest.fixture(scope="session")
 def sd1_lora(sd1_pipe):
     """kohya target set with LoCon 3x3 convs; linear alpha/rank = 2/4, conv 1.5/3."""
-    from domerge_core import tiny
+    from domerge_core.testing import tiny
     return tiny.random_lora(sd1_pipe, rank=4, alpha=2.0, conv_rank=3, conv_alpha=1.5, seed=11)
 
 
 @pytest.fixture(scope="session")
 def sdxl_lora(sdxl_pipe):
-    from domerge_core import tiny
+    from domerge_core.testing import tiny
     return tiny.random_lora(sdxl_pipe, rank=4, alpha=2.0, conv_rank=2, conv_alpha=2.0, seed=12)
 
 
 @pytest.fixture(scope="session")
 def lora_files(tmp_path_factory, sd1_lora, sdxl_lora):
     """The two random LoRAs written as fixture files in several layouts (by tiny's own writers)."""
-    from domerge_core import tiny
+    from domerge_core.testing import tiny
     d = tmp_path_factory.mktemp("lora_files")
     f = {
         "sd1_kohya": tiny.write_kohya(sd1_lora, str(d / "sd1_kohya.safetensors"),
@@ -77,7 +77,7 @@ def lora_files(tmp_path_factory, sd1_lora, sdxl_lora):
 @pytest.fixture(scope="session")
 def ref_deltas():
     """canonical key -> dense float64 update, for a Lora (memoised per object)."""
-    from domerge_core import tiny
+    from domerge_core.testing import tiny
     cache = {}
 
     def get(lora):

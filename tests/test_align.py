@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import assert_same_deltas, needs_diffusers, rel_err
-from domerge_core import align, tiny
+from domerge_core.formats import canonical as align
+from domerge_core.testing import tiny
 from domerge_core.formats import load_lora, load_state_dict
 
 SDXL_LIKE = dict(  # real SDXL block structure (layers per block, transformer depths), tiny widths

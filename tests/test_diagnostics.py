@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from domerge_core.diagnostics import analyze, block_of
+from domerge_core.report.diagnostics import analyze, block_of
 from domerge_core.lora import Lora, LoraModule
 
 torch.set_num_threads(1)
@@ -101,7 +101,7 @@ def test_norms_count_every_module_a_lora_has():
     """Per-LoRA and per-block ‖ΔW‖ (strength 1) over *every* module a LoRA has: modules shared
     with other LoRAs, modules only it has (they used to be left out: their records had no norms),
     and all its modules when its strength is 0 (the merge leaves it out). Dense float64 sums."""
-    from domerge_core.merging import merge
+    from domerge_core import merge
     K = list(KEYS)
     only = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"     # a block only LoRA 2 has
     shapes = {**KEYS, only: (40, 48)}

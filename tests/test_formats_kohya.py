@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_same_deltas, needs_diffusers, rel_err
-from domerge_core import tiny
+from domerge_core.testing import tiny
 from domerge_core.errors import LoraFormatError
 from domerge_core.formats import load_lora, load_state_dict
 
@@ -116,7 +116,7 @@ def test_bare_clip_names_are_accepted():
 
 def test_kohya_lora_is_lazy(lora_files, monkeypatch):
     """Loading reads the header and alphas only; factor tensors are read when asked for."""
-    from domerge_core import io as dio
+    from domerge_core.formats import safetensors as dio
     calls = []
     orig = dio.LazyFile.get
     monkeypatch.setattr(dio.LazyFile, "get", lambda self, k: (calls.append(k), orig(self, k))[1])

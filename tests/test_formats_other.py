@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_same_deltas, needs_diffusers, rel_err
-from domerge_core import align, tiny
+from domerge_core.formats import canonical as align
+from domerge_core.testing import tiny
 from domerge_core.formats import load_lora, load_state_dict, save_lora
 from test_formats_kohya import assert_matches_diffusers
 

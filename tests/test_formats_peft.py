@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import assert_same_deltas, needs_diffusers, rel_err
-from domerge_core import tiny
+from domerge_core.testing import tiny
 from domerge_core.formats import load_lora, load_state_dict
 from test_formats_kohya import assert_matches_diffusers
 

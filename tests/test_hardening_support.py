@@ -485,7 +485,8 @@ for name in ["merge"] + domerge_core.__all__:
         getattr(domerge_core, name)
     except Exception:
         pass
-for m in ("io", "metadata", "inspect", "diagnostics", "cache", "orthogonalize", "linalg"):
+for m in ("formats.safetensors", "metadata", "formats.describe", "report.diagnostics", "engine.cache",
+          "algebra.orthogonalize", "algebra.linalg"):
     try:
         importlib.import_module("domerge_core." + m)
     except Exception:

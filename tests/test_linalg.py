@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domerge_core import linalg as L
+from domerge_core.algebra import linalg as L
 
 torch.set_num_threads(1)
 

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from domerge_core.cache import MergeCache
+from domerge_core import MergeCache
 from domerge_core.errors import IncompatibleLorasError, InvalidParameterError, MergeCancelled
 from domerge_core.lora import Lora, LoraModule
-from domerge_core.merging import MergeResult, merge
+from domerge_core import MergeResult, merge
 
 torch.set_num_threads(1)
 
@@ -328,7 +328,7 @@ def test_extreme_values_raise_a_domerge_error_naming_file_and_key(value, method,
 
 @pytest.mark.parametrize("value", [float("inf"), 1e20])
 def test_analyze_raises_a_domerge_error_naming_file_and_key(value):
-    from domerge_core.diagnostics import analyze
+    from domerge_core.report.diagnostics import analyze
     from domerge_core.errors import NumericalError
     with pytest.raises(NumericalError) as e:
         analyze(_poisoned(value, key=LIN, victim=2), device="cpu")

@@ -6,9 +6,9 @@ import json
 
 import torch
 
-from domerge_core import tiny
+from domerge_core.testing import tiny
 from domerge_core.formats import load_lora, save_lora
-from domerge_core.inspect import describe, format_description
+from domerge_core.formats.describe import describe, format_description
 from domerge_core.metadata import output_metadata
 
 
@@ -46,7 +46,7 @@ def test_metadata_survives_the_writer(tmp_path, lora_files):
 
 
 def test_describe_reads_header_only(lora_files, monkeypatch):
-    from domerge_core import io as dio
+    from domerge_core.formats import safetensors as dio
     orig = dio.LazyFile.get
 
     def only_alphas(self, key):
@@ -80,7 +80,7 @@ def test_describe_path_equals_describe_lora_and_needs_no_torch(lora_files, tmp_p
     for name in ("sd1_kohya", "sdxl_kohya_sgm", "sd1_peft_meta"):
         a, b = describe(lora_files[name]), describe(load_lora(lora_files[name]))
         assert a == b, name
-    code = ("import sys, json; from domerge_core.inspect import describe; "
+    code = ("import sys, json; from domerge_core.formats.describe import describe; "
             f"d = describe({lora_files['sdxl_kohya_sgm']!r}); "
             "assert 'torch' not in sys.modules, 'torch imported'; print(d['modules'])")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from domerge_core.lora import Lora, LoraModule
-from domerge_core.merging import merge
+from domerge_core import merge
 from domerge_core.methods import get_method, list_methods
 from domerge_core.methods.base import module_seed
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from domerge_core.orthogonalize import OrthOptions, mean_abs_offdiag, orthogonalize
+from domerge_core.algebra.orthogonalize import OrthOptions, mean_abs_offdiag, orthogonalize
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import assert_same_deltas, needs_diffusers, rel_err
-from domerge_core import tiny
+from domerge_core.testing import tiny
 from domerge_core.formats import FORMATS, default_format, load_lora, save_lora, to_state_dict
 from domerge_core.formats.writers import adapter_config
 from domerge_core.lora import Lora

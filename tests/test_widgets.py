@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 import ipywidgets as W  # noqa: E402
 
 import domerge_core as core  # noqa: E402
-from domerge_core import tiny  # noqa: E402
+from domerge_core.testing import tiny  # noqa: E402
 from domerge_widgets import Debouncer, MergePanel, PreviewPanel  # noqa: E402
 
 

@@ -26,7 +26,7 @@ import ipywidgets as W
 import domerge_core as core
 
 from .debounce import Debouncer
-from domerge_core.plots import render_pngs
+from domerge_core.report.plots import render_pngs
 from .tables import report_html, summary_line
 
 _TOP_LEVEL_SWITCHES = ("decouple", "orthogonalize")

@@ -58,7 +58,7 @@ _LORA_COLUMNS = (("weight", "strength"), ("modules_merged", "modules"), ("update
 
 
 def report_html(report: Dict[str, Any], names: Sequence[str] = ()) -> str:
-    """The diagnostics of a `MergeResult.report` (domerge_core/diagnostics.py): one row per LoRA,
+    """The diagnostics of a `MergeResult.report` (domerge_core/report/diagnostics.py): one row per LoRA,
     then the whole-merge numbers. Per-block and per-module data are left to the plots."""
     diag = report.get("diagnostics") or {}
     loras = diag.get("loras") or []

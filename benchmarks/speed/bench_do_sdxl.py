@@ -38,7 +38,7 @@ def _inputs(folder: str, rank: int):
 
 def run_once(paths, method, params, device, rank, energy, out_dir):
     from domerge_core.formats import load_lora
-    from domerge_core.merging import merge
+    from domerge_core import merge
 
     times = defaultdict(float)
     cpu = {}

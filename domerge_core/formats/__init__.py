@@ -40,7 +40,7 @@ def _uses_ab(keys: Iterable[str]) -> bool:
 
 def load_lora(path: PathLike, *, adapter_config: Union[None, PathLike, Mapping[str, Any]] = None) -> Lora:
     """Read a LoRA file lazily. Errors (:class:`LoraFormatError` and subclasses) name the file and key."""
-    from ..io import LazyFile, read_header
+    from .safetensors import LazyFile, read_header
     from .reader import TensorSource, build_lora
 
     path = os.fspath(path)
@@ -87,7 +87,7 @@ def save_lora(lora: Lora, path: PathLike, *, format: Optional[str] = "kohya", dt
               inputs: Iterable[str] = ()) -> str:
     """Write atomically in ``format`` (None: :func:`default_format`). Refuses an existing ``path``
     unless ``overwrite`` and always refuses ``path`` == the LoRA's own source or any of ``inputs``."""
-    from ..io import check_output_path, save_safetensors
+    from .safetensors import check_output_path, save_safetensors
 
     path = os.fspath(path)
     srcs = [lora.source, *inputs]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .. import align
+from . import canonical as align
 
 KOHYA_PREFIXES = (  # longest first
     ("lora_prior_unet_", "prior"),

@@ -13,7 +13,7 @@ import math
 from collections import Counter
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
-from .. import align
+from . import canonical as align
 from ..errors import LoraFormatError
 if TYPE_CHECKING:  # torch is imported where tensors are made: default_format/FORMATS stay light
     import torch

@@ -4,7 +4,7 @@ Calling convention of ``MethodSpec.fn`` (what a new method file implements)::
 
     fn(tasks: TaskSet, params: dict, ctx: MethodContext) -> LowRankUpdate | DenseUpdate
 
-- It is called by `domerge_core.merging.merge` once per *batch*: N modules of equal shape that the
+- It is called by `domerge_core.engine.merge.merge` once per *batch*: N modules of equal shape that the
   same T ≥ 2 inputs (those with a non-zero strength) provide, with equal ranks.
 - ``tasks.up`` (N, m, R) and ``tasks.down`` (N, R, n) hold the T tasks stacked (views per task:
   ``tasks.ups[i]``, ``tasks.downs[i]``); ``tasks.ups[i] @ tasks.downs[i]`` (N, m, n) is task i's update with everything the door does

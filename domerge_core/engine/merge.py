@@ -28,15 +28,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .cache import MergeCache
-from .decouple import (direction_down, direction_weights, magnitudes, merge_magnitudes, recombine_dense,
+from ..algebra.decouple import (direction_down, direction_weights, magnitudes, merge_magnitudes, recombine_dense,
                        recombine_lowrank, split_blocks)
-from .devices import resolve_device, supports_float64
-from .errors import DomergeError, IncompatibleLorasError, InvalidParameterError, NumericalError
-from .linalg import (_qr, _svd, block_indicator, block_inner_products_from_grams, cosine_from_inner, frob_norm,
+from ..devices import resolve_device, supports_float64
+from ..errors import DomergeError, IncompatibleLorasError, InvalidParameterError, NumericalError
+from ..algebra.linalg import (_qr, _svd, block_indicator, block_inner_products_from_grams, cosine_from_inner, frob_norm,
                      mT, relative_tail_error, split_sqrt, truncate)
-from .lora import Lora, LoraModule
-from .orthogonalize import OrthOptions, orthogonalize
-from .progress import ProgressFn, report
+from ..lora import Lora, LoraModule
+from ..algebra.orthogonalize import OrthOptions, orthogonalize
+from ..progress import ProgressFn, report
 
 LoraLike = Union[Lora, str, "os.PathLike[str]"]
 
@@ -57,7 +57,7 @@ class MergeResult:
     report: Dict[str, Any] = field(default_factory=dict)   # diagnostics, JSON-serialisable
 
     def _metadata(self) -> Dict[str, str]:
-        from .metadata import output_metadata
+        from ..metadata import output_metadata
         return output_metadata(self.inputs, weights=self.weights, method=self.method, params=self.params,
                                rank_info=self.lora)
 
@@ -66,14 +66,14 @@ class MergeResult:
         """(tensors, metadata) in a file layout (default: the first input's), for diffusers'
         ``load_lora_weights``, ComfyUI's LORA_MODEL, or a writer. ``dtype`` defaults to the first
         input's dtype."""
-        from .formats import to_state_dict
+        from ..formats import to_state_dict
         return to_state_dict(self.lora, format, dtype=dtype, metadata=self._metadata())
 
     def save(self, path: str, format: Optional[str] = None, dtype: Optional[torch.dtype] = None,
              overwrite: bool = False) -> str:
         """Write atomically; refuses to replace an existing file unless ``overwrite`` (and never
         writes over an input)."""
-        from .formats import save_lora
+        from ..formats import save_lora
         return save_lora(self.lora, path, format=format, dtype=dtype, metadata=self._metadata(),
                          overwrite=overwrite, inputs=[l.source for l in self.inputs if l.source])
 
@@ -100,7 +100,7 @@ def _load_inputs(inputs: Sequence[LoraLike]) -> List[Lora]:
         if isinstance(x, Lora):
             out.append(x)
         elif isinstance(x, (str, os.PathLike)):
-            from .formats import load_lora
+            from ..formats import load_lora
             out.append(load_lora(os.fspath(x)))
         else:
             raise InvalidParameterError(f"merge input must be a Lora or a file path, not {type(x).__name__}")
@@ -493,8 +493,8 @@ def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[
     Raises `DomergeError` subclasses only (for the inputs' numbers: `NumericalError`, naming the
     file(s) and the module key).
     """
-    from .align import check_compatible
-    from .methods import get_method
+    from ..formats.canonical import check_compatible
+    from ..methods import get_method
     spec = get_method(method)
     p = spec.resolve(params)
     loras = _load_inputs(inputs)
@@ -510,7 +510,7 @@ def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[
     counters: Dict[str, int] = {}
     truncating = rank is not None or energy is not None
     lam = float(p.get("lam", 1.0))
-    from .methods.base import DenseUpdate, LowRankUpdate, MethodContext, TaskSet
+    from ..methods.base import DenseUpdate, LowRankUpdate, MethodContext, TaskSet
     ctx = MethodContext(seed=int(seed), device=dev, dtype=dtype)
     tags = input_tags(loras)
 
@@ -628,13 +628,13 @@ def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[
     first_lora = loras[0]
     layout = dict(first_lora.layout or {})
     if "format" not in layout:
-        from .formats import default_format
+        from ..formats import default_format
         layout["format"] = default_format(first_lora)
     # dtype: what the writers use by default — the first input's (the factors themselves are in
     # the compute dtype, on the CPU)
     merged = Lora(modules=modules, format="merged", source="<merged>", metadata={}, dtype=first_lora.dtype,
                   base_model=first_lora.base_model, layout=layout)
-    from .diagnostics import merge_report
+    from ..report.diagnostics import merge_report
     rep = merge_report(loras, w, spec.name, p, records, jobs, rank=rank, energy=energy,
                        extra_norms=extra_norms)
     return MergeResult(lora=merged, method=spec.name, params=p, weights=w, inputs=loras, report=rep)

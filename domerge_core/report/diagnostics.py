@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .lora import Lora
+from ..lora import Lora
 
 _NUM = re.compile(r"^\d+$")
 
@@ -181,11 +181,11 @@ def analyze(loras, weights: Optional[Sequence[float]] = None, orthogonalize_para
     """Diagnostics of a set of LoRAs (objects or paths) without merging: norms, magnitude
     variance, cosines before/after the orthogonalization (``orthogonalize_params``: ``orth_*`` and
     ``balanced`` values; default ``do``'s), ‖δ‖ ratios, ranks and truncation energy."""
-    from .devices import resolve_device
-    from .linalg import exact_svd
-    from .merging import (_check_weights, _load_inputs, _load_stack, _sources, batch_jobs, inactive_norms,
+    from ..devices import resolve_device
+    from ..algebra.linalg import exact_svd
+    from ..engine.merge import (_check_weights, _load_inputs, _load_stack, _sources, batch_jobs, inactive_norms,
                           locate_linalg_failure, plan_modules, prepare_batch, prepare_single)
-    from .methods import get_method
+    from ..methods import get_method
 
     loras = _load_inputs(loras)
     w = _check_weights(weights, len(loras))

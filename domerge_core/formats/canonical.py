@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import IncompatibleLorasError
+from ..errors import IncompatibleLorasError
 
 # identifiers with underscores that appear in module paths (longest match first when re-dotting)
 _COMPOUNDS = """

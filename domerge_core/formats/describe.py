@@ -30,9 +30,9 @@ _ST_NAMES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64"}
 
 def _plan_of_file(path: str):
     """A Lora-like view of a file from its header (canonical modules, scales, shapes), torch-free."""
-    from .formats import ADAPTER_FILES
-    from .formats.plan import TensorSource, plan_modules, read_adapter_config
-    from .io import read_header, read_scalar
+    from ..formats import ADAPTER_FILES
+    from .plan import TensorSource, plan_modules, read_adapter_config
+    from .safetensors import read_header, read_scalar
 
     path = os.fspath(path)
     if os.path.isdir(path):

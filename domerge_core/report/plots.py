@@ -119,7 +119,7 @@ def _short(s: str, n: int = 28) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# From the core's report (``MergeResult.report``, see domerge_core/diagnostics.py) to figures
+# From the core's report (``MergeResult.report``, see domerge_core/report/diagnostics.py) to figures
 # --------------------------------------------------------------------------------------------
 def plot_data(report: Dict, names: Optional[Sequence[str]] = None) -> List[tuple]:
     """[(key, builder, kwargs)] for what the report holds; missing parts are skipped, not guessed.

@@ -25,7 +25,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .lora import Lora, LoraModule
+from ..lora import Lora, LoraModule
 
 # kohya sd-scripts (networks/lora.py) target classes
 UNET_ATTN_PARENTS = ("Transformer2DModel",)                          # Linear + 1x1 conv inside
@@ -349,7 +349,7 @@ def kohya_state_dict(lora: Lora, *, sgm: bool = False, layers_per_block: int = 2
                      alpha_dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
     """kohya/A1111 names with the module's own alpha (= scale·rank): ``lora_unet_…``, ``lora_te_…``
     (SD1) or ``lora_te1_…``/``lora_te2_…`` (SDXL); ``sgm=True`` writes SDXL UNet names in SGM layout."""
-    from .align import diffusers_to_sgm
+    from ..formats.canonical import diffusers_to_sgm
 
     two_te = any(k.startswith("text_encoder_2.") for k in lora.modules)
     prefix = {"unet": "lora_unet", "text_encoder": "lora_te1" if two_te else "lora_te",

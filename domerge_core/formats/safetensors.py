@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from .errors import DomergeError, LoraFormatError, OutputExistsError
+from ..errors import DomergeError, LoraFormatError, OutputExistsError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 CONVERT_HINT = "convert it to .safetensors first (domerge never unpickles files)"
