@@ -20,12 +20,12 @@ _PUBLIC = {
     # files
     "load_lora": "formats", "load_state_dict": "formats", "to_state_dict": "formats",
     "save_lora": "formats", "default_format": "formats", "FORMATS": "formats",
-    "describe": "formats.describe", "check_compatible": "formats.canonical", "output_metadata": "metadata",
+    "describe": "formats.describe", "check_compatible": "engine.plan", "output_metadata": "metadata",
     # methods and merging
     "Param": "methods.registry", "MethodSpec": "methods.registry", "get_method": "methods",
     "list_methods": "methods", "method_names": "methods",
-    "merge": "engine.merge", "MergeResult": "engine.merge", "MergeCache": "engine.cache",
-    "analyze": "report.diagnostics", "resolve_device": "devices",
+    "merge": "engine.merge", "MergeResult": "engine.result", "MergeCache": "engine.cache",
+    "analyze": "engine.analyze", "resolve_device": "devices",
     "ProgressFn": "progress",
 }
 

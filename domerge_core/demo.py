@@ -76,7 +76,7 @@ def _fmt_matrix(M, names) -> List[str]:
 
 def run_demo(out_dir: Optional[str] = None, print_fn: Callable[[str], None] = print) -> Dict:
     """Run the demo; return its numbers. With ``out_dir``, also write both merges (kohya, fp16)."""
-    from .report.diagnostics import analyze
+    from .engine.analyze import analyze
     from .engine.merge import merge
 
     t0 = time.perf_counter()

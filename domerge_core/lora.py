@@ -22,12 +22,14 @@ file on demand, so a large file is never held twice.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 FactorLoader = Callable[[], Tuple[torch.Tensor, torch.Tensor]]
+_UIDS = itertools.count(1)
 
 
 @dataclass
@@ -42,6 +44,8 @@ class LoraModule:
     kernel_size: Optional[Tuple[int, ...]] = None   # conv only: down kernel (kh, kw); up is 1×1
     source_name: Optional[str] = None      # module name as written in the source file
     dtype: torch.dtype = torch.float32     # dtype of the stored factors
+    # identity for caches: unique per object, never reused (``replace`` makes a new one)
+    uid: int = field(default_factory=lambda: next(_UIDS), init=False, repr=False, compare=False)
 
     def factors(self, dtype: torch.dtype = torch.float32, device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
         """(up m×r, down r×n) as 2-D tensors, without the scale."""

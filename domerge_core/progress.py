@@ -6,11 +6,30 @@ nothing. ``stage`` is a short word: "load", "orthogonalize", "merge", "truncate"
 """
 from __future__ import annotations
 
+import os
+import signal
 from typing import Callable, Optional
 
 ProgressFn = Callable[[int, int, str], None]
+
+PARK_ENV = "DOMERGE_PARK_AT"
+_parked = False
 
 
 def report(progress: Optional[ProgressFn], done: int, total: int, stage: str) -> None:
     if progress is not None:
         progress(done, total, stage)
+    checkpoint(stage)
+
+
+def checkpoint(stage: str) -> None:
+    """A named point of the run. Test hook: with ``DOMERGE_PARK_AT=<stage>`` in the environment
+    the process stops at the first such point of that stage (progress stages, and "write" once the
+    output's temp file holds data) and waits there until a signal handler raises (Ctrl-C, SIGTERM
+    in the CLI), so interruption tests need not race the merge. Unset: a dictionary lookup."""
+    global _parked
+    if _parked or os.environ.get(PARK_ENV) != stage:
+        return
+    _parked = True
+    while True:
+        signal.pause()

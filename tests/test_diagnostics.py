@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from domerge_core.report.diagnostics import analyze, block_of
+from domerge_core import analyze
+from domerge_core.report.diagnostics import block_of
 from domerge_core.lora import Lora, LoraModule
 
 torch.set_num_threads(1)

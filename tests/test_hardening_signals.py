@@ -5,6 +5,8 @@ diffusers' own UNet config, ``benchmarks/synthetic.py``; 264 modules, 38 MB each
 strike is not guessed from a timer: the CLI's stderr is a pseudo-terminal, so the CLI draws its
 progress bar, and the test signals as soon as the bar shows the stage it wants (``orthogonalize``
 or ``merge`` with work left); for the write stage it watches the output folder for the temp file.
+No race with the merge: the runs set ``DOMERGE_PARK_AT=<stage>`` (`domerge_core.progress.checkpoint`),
+so the process waits in that stage until the signal lands, however loaded the machine is.
 After the signal: exit 130 / 143, one ``error:`` line, no traceback, no output, no temp file; an
 existing output (``--overwrite``) survives byte for byte.
 """
@@ -27,6 +29,7 @@ from test_hardening_support import PY, REPO, Run, file_bytes, server  # noqa: E4
 
 torch.set_num_threads(1)
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+PARK = "DOMERGE_PARK_AT"
 BAR = re.compile(r"\r\s*(\w+) \[[# ]*\] (\d+)/(\d+)")
 
 
@@ -116,7 +119,7 @@ def test_signal_mid_merge(inputs, tmp_path, sig, stage, existing):
     try:
         s = server()
         pid = s.start(_argv(inputs, target, "do", *(["--overwrite"] if existing else [])), cwd=out,
-                      tty=os.ttyname(slave))
+                      tty=os.ttyname(slave), env={PARK: stage})
         seen, hit = _read_until(master, lambda st, d, t: st == stage and 0 < d < t, 300)
         if hit:
             os.kill(pid, sig)
@@ -161,7 +164,8 @@ def test_signal_while_writing(inputs, tmp_path, sig):
     with open(target, "wb") as f:
         f.write(old)
     s = server()
-    pid = s.start(_argv(inputs, target, "ta", "--overwrite", "-q", "--dtype", "fp32"), cwd=out)
+    pid = s.start(_argv(inputs, target, "ta", "--overwrite", "-q", "--dtype", "fp32"), cwd=out,
+                  env={PARK: "write"})
     seen = _wait_for_temp(out, _alive(pid), 300)
     if seen:
         os.kill(pid, sig)
@@ -175,7 +179,7 @@ def test_sigterm_fresh_process_while_writing(inputs, tmp_path):
     """The same through a genuinely fresh ``python -m domerge_core`` (no fork server)."""
     out = str(tmp_path)
     target = os.path.join(out, "merged.safetensors")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **{PARK: "write"},
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([PY, "-m", "domerge_core", *_argv(inputs, target, "ta", "-q", "--dtype", "fp32")],
                             cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -231,7 +235,9 @@ def test_interrupt_right_after_the_temp_file_is_created(tmp_path):
 
 def test_sigterm_as_the_temp_file_appears_stress(tmp_path):
     """SIGTERM sent the instant the temp file shows up, 25 times on a small merge (each run is its
-    own process): never a temp file left, never a partial output."""
+    own process): never a temp file left, never a partial output. Every fifth run waits in the
+    write stage (``DOMERGE_PARK_AT``), so the signal surely lands mid-write at least there; the
+    others race the writer on purpose."""
     from test_hardening_support import write_good
 
     a = write_good(str(tmp_path / "a.safetensors"), seed=1)
@@ -242,7 +248,8 @@ def test_sigterm_as_the_temp_file_appears_stress(tmp_path):
         out = tmp_path / f"o{i}"
         out.mkdir()
         target = str(out / "m.safetensors")
-        pid = s.start(["merge", a, b, "-o", target, "--method", "ta", "-q"], cwd=str(out))
+        pid = s.start(["merge", a, b, "-o", target, "--method", "ta", "-q"], cwd=str(out),
+                      env={PARK: "write"} if i % 5 == 0 else None)
         while True:
             names = os.listdir(out)
             if names:

@@ -506,6 +506,10 @@ for line in sys.stdin:
         code = 1
         try:
             os.setpgid(0, 0)
+            # Ctrl-C as at a terminal, also when the test run itself was started in the background
+            # (a non-interactive shell starts background jobs with SIGINT ignored; Python then
+            # installs no KeyboardInterrupt handler, and SIGINT would do nothing)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             if req.get("tty"):   # stderr on a terminal: the CLI then draws its progress bar there
                 err = os.open(req["tty"], os.O_RDWR | os.O_NOCTTY)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from domerge_core.formats import safetensors as dio
-from domerge_core.formats.canonical import check_compatible
+from domerge_core import check_compatible
 from domerge_core.errors import (DomergeError, IncompatibleLorasError, LoraFormatError, OutputExistsError,
                                  UnsupportedFormatError)
 from domerge_core.formats import load_lora, load_state_dict, save_lora

@@ -328,7 +328,7 @@ def test_extreme_values_raise_a_domerge_error_naming_file_and_key(value, method,
 
 @pytest.mark.parametrize("value", [float("inf"), 1e20])
 def test_analyze_raises_a_domerge_error_naming_file_and_key(value):
-    from domerge_core.report.diagnostics import analyze
+    from domerge_core import analyze
     from domerge_core.errors import NumericalError
     with pytest.raises(NumericalError) as e:
         analyze(_poisoned(value, key=LIN, victim=2), device="cpu")
@@ -367,9 +367,9 @@ def test_a_zero_module_is_not_a_numerical_error():
 def _snapshot(cache):
     out = []
     for value, _ in cache._stacked.values():
-        for k in ("B", "A", "alpha"):
-            if value.get(k) is not None:
-                out.append(value[k].clone())
+        for t in (value.B, value.A, value._alpha):
+            if t is not None:
+                out.append(t.clone())
     return out
 
 
@@ -416,7 +416,7 @@ def test_cache_keeps_one_stacked_copy_per_module_and_bounds_it():
     # the module entries view the stacked tensors (no second copy)
     value, members = next(iter(cache._stacked.values()))
     e = cache._entries[members[0]]
-    assert e["B"].untyped_storage().data_ptr() == value["B"].untyped_storage().data_ptr()
+    assert e.B.untyped_storage().data_ptr() == value.B.untyped_storage().data_ptr()
     for bound in (1, 2, 3):                     # LIN and LIN2 are one batch of 2
         small = MergeCache(max_entries=bound)
         res = merge(loras, "do", device="cpu", cache=small)
@@ -446,3 +446,25 @@ def test_cli_merge_prints_rank_error_and_cosines(tmp_path):
     assert "after orthogonalization" in r.stdout
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["diagnostics"]["mean_abs_cos_after"] < rep["diagnostics"]["mean_abs_cos_before"]
+
+
+# ----------------------------------------------------------------------------- one-sided route
+
+@pytest.mark.parametrize("method,params", [("do", {}), ("do", {"lam": 0.7, "magnitude": "max"}),
+                                           ("ta", {"orthogonalize": True, "lam": 1.3})])
+def test_linear_merge_maps_the_smaller_side_only(method, params, monkeypatch):
+    """For ``ta``/``do`` on a module with m > n, the orthogonalization's R×R transform, the strengths
+    and the v1 recombination go to the down factor and the up factor is written as loaded (the
+    inputs' up factors with their format scale): the update equals the two-sided route's."""
+    from domerge_core.engine import combine as C
+
+    loras = make(corr=0.3)                      # LIN, LIN2: m = 40 > n = 32
+    w = [0.8, -0.5, 1.2]
+    one = merge(loras, method, params, weights=w, device="cpu", compute_dtype=torch.float64)
+    up = one.lora[LIN].factors(torch.float64)[0]
+    loaded = torch.cat([l[LIN].scaled_factors(torch.float64)[0] for l in loras], 1)
+    assert torch.equal(up, loaded)
+    monkeypatch.setattr(C, "one_sided", lambda pre, W, ctx: None)
+    two = merge(loras, method, params, weights=w, device="cpu", compute_dtype=torch.float64)
+    for key in SHAPES:
+        assert rel(d64(one.lora[key]), d64(two.lora[key])) < 1e-12, key

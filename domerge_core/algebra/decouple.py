@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .linalg import col_norms, mT
+from .linalg import blocks, col_norms, mT, safe_inverse
 
 Tensor = torch.Tensor
 
@@ -33,53 +33,42 @@ EPS = 1e-12
 
 
 def split_blocks(B: Tensor, A: Tensor, ranks: Sequence[int]) -> Tuple[List[Tensor], List[Tensor]]:
-    Bs, As, o = [], [], 0
-    for r in ranks:
-        Bs.append(B[..., o:o + r])
-        As.append(A[..., o:o + r, :])
-        o += r
-    return Bs, As
+    return [B[..., o:o + r] for o, r in blocks(ranks)], [A[..., o:o + r, :] for o, r in blocks(ranks)]
 
 
 def magnitudes(Bs: Sequence[Tensor], As: Sequence[Tensor], GB: Optional[Tensor] = None) -> Tensor:
     """Column norms of every task update, (…, T, n). ``GB``: the stacked ``BᵀB`` (…, R, R) if known
     (its diagonal blocks are the per-task Grams; saves the m-dimensional pass)."""
-    out, o = [], 0
-    for b, a in zip(Bs, As):
-        r = a.shape[-2]
+    out = []
+    for (o, r), b, a in zip(blocks([a.shape[-2] for a in As]), Bs, As):
         g = GB[..., o:o + r, o:o + r] if GB is not None else mT(b) @ b
         out.append(((g @ a) * a).sum(-2).clamp_min(0).sqrt())
-        o += r
     return torch.stack(out, -2)
 
 
 def direction_down(A: Tensor, alpha: Tensor, ranks: Sequence[int], w: Optional[Tensor] = None) -> Tensor:
     """Stacked ``[A_1 diag(1/α_1); …]`` in one pass (a new tensor); with ``w`` (T,), the task
     coefficients are folded into the same pass: ``[w_1 A_1 diag(1/α_1); …]``."""
-    inv = safe_inverse(alpha)
+    inv = _inverse_magnitude(alpha)
     if w is not None:
         inv = inv * w.to(inv.dtype).unsqueeze(-1)
     out = torch.empty_like(A)
-    o = 0
-    for t, r in enumerate(ranks):
+    for t, (o, r) in enumerate(blocks(ranks)):
         torch.mul(A[..., o:o + r, :], inv[..., t, :].unsqueeze(-2), out=out[..., o:o + r, :])
-        o += r
     return out
 
 
-def safe_inverse(x: Tensor, eps: float = EPS) -> Tensor:
+def _inverse_magnitude(x: Tensor) -> Tensor:
     """1/x, and 0 where x is (relatively) zero: zero columns get a zero direction."""
-    smallest = torch.finfo(x.dtype).tiny          # below it 1/x overflows (and 1e-300 is 0 in float32)
-    tiny = (eps * x.amax(-1, keepdim=True)).clamp_min(smallest)
-    return torch.where(x > tiny, 1.0 / x.clamp_min(smallest), torch.zeros_like(x))
+    return safe_inverse(x, EPS)
 
 
 def merge_magnitudes(alpha: Tensor, w: Tensor, rule: str = "weighted_mean") -> Tensor:
-    """α* (…, n) from per-task α (…, T, n) and strengths w (T,)."""
+    """α* (…, n) from per-task α (…, T, n) and strengths w (T,) or per module (…, T)."""
     aw = w.abs().to(alpha.dtype)
     if rule == "weighted_mean":
-        g = aw.max()
-        return g * (aw.unsqueeze(-1) * alpha).sum(-2) / aw.sum()
+        g = aw.amax(-1, keepdim=True)
+        return g * (aw.unsqueeze(-1) * alpha).sum(-2) / aw.sum(-1, keepdim=True)
     if rule == "mean":
         return (aw.unsqueeze(-1) * alpha).mean(-2)
     if rule == "max":
@@ -88,9 +77,10 @@ def merge_magnitudes(alpha: Tensor, w: Tensor, rule: str = "weighted_mean") -> T
 
 
 def direction_weights(w: Tensor) -> Tensor:
-    """``w_i / g`` with ``g = max|w_i|`` (the direction merge's per-task coefficients)."""
-    g = w.abs().max()
-    return w / g if float(g) > 0 else w
+    """``w_i / g`` with ``g = max|w_i|`` (the direction merge's per-task coefficients), over the
+    last dimension of w (T,) or (…, T)."""
+    g = w.abs().amax(-1, keepdim=True)
+    return torch.where(g > 0, w / torch.where(g > 0, g, torch.ones_like(g)), w)
 
 
 def recombine_lowrank(B: Tensor, A: Tensor, alpha_star: Tensor, rule: str, lam: float,
@@ -100,7 +90,7 @@ def recombine_lowrank(B: Tensor, A: Tensor, alpha_star: Tensor, rule: str, lam: 
     if rule == "v1":
         s = (lam * alpha_star).unsqueeze(-2)
     elif rule == "v2":
-        s = (lam * alpha_star * safe_inverse(col_norms(B, A))).unsqueeze(-2)
+        s = (lam * alpha_star * _inverse_magnitude(col_norms(B, A))).unsqueeze(-2)
     else:
         s = None
     if s is not None:
@@ -114,5 +104,5 @@ def recombine_dense(D: Tensor, alpha_star: Tensor, rule: str, lam: float) -> Ten
         return D * (lam * alpha_star).unsqueeze(-2)
     if rule == "v2":
         d = D.norm(dim=-2)
-        return D * (lam * alpha_star * safe_inverse(d)).unsqueeze(-2)
+        return D * (lam * alpha_star * _inverse_magnitude(d)).unsqueeze(-2)
     raise ValueError(f"unknown recombine rule {rule!r} (use one of {', '.join(RECOMBINE_RULES)})")

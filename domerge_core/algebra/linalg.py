@@ -13,7 +13,7 @@ whose product ``B @ A`` is the update; leading dimensions batch modules of equal
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -56,14 +56,24 @@ def exact_svd(B: Tensor, A: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return Qb @ Uc, S, Vhc @ mT(Qa)
 
 
-def choose_rank(S: Tensor, rank: Optional[int] = None, energy: Optional[float] = None) -> Tensor:
+def blocks(ranks: Sequence[int]) -> Iterator[Tuple[int, int]]:
+    """``(offset, r)`` of each input's block in stacked factors of the given ranks."""
+    o = 0
+    for r in ranks:
+        yield o, r
+        o += r
+
+
+def choose_rank(S: Tensor, rank: Optional[int] = None, energy: Optional[float] = None,
+                total_sq: Optional[Tensor] = None) -> Tensor:
     """Per-module kept rank (…,) from singular values S (…,k): ``rank`` caps it, ``energy`` keeps the
-    smallest k whose Σσ² reaches that fraction. At least 1, at most len(S)."""
+    smallest k whose Σσ² reaches that fraction of ``total_sq`` (default Σσ² over S: pass the whole
+    update's energy when S holds only the leading values). At least 1, at most len(S)."""
     k_all = S.shape[-1]
     ks = torch.full(S.shape[:-1], k_all, dtype=torch.long, device=S.device)
     if energy is not None:
         e2 = S.double() ** 2
-        total = e2.sum(-1, keepdim=True)
+        total = e2.sum(-1, keepdim=True) if total_sq is None else total_sq.double().unsqueeze(-1)
         frac = torch.cumsum(e2, -1) / total.clamp_min(1e-300)
         # number of leading values needed: count of cum-fractions strictly below target, plus one
         need = (frac < (float(energy) - 1e-12)).sum(-1) + 1
@@ -101,13 +111,55 @@ def truncate(B: Tensor, A: Tensor, rank: Optional[int] = None, energy: Optional[
     """
     U, S, Vh = exact_svd(B, A)
     ks = choose_rank(S, rank, energy)
+    up, down = keep_leading(U, S, Vh, ks)
+    return up, down, ks, relative_tail_error(S, ks)
+
+
+def keep_leading(U: Tensor, S: Tensor, Vh: Tensor, ks: Tensor) -> Tuple[Tensor, Tensor]:
+    """Balanced factors of the leading ``ks`` (…,) singular triplets, padded with zero columns /
+    rows to the batch's largest k (the caller slices each module to its own rank)."""
     kmax = int(ks.max()) if ks.numel() else 1
     up, down = split_sqrt(U, S, Vh, kmax)
     if ks.numel() and int(ks.min()) < kmax:
         keep = (torch.arange(kmax, device=S.device) < ks.unsqueeze(-1)).to(up.dtype)
         up = up * keep.unsqueeze(-2)
         down = down * keep.unsqueeze(-1)
-    return up, down, ks, relative_tail_error(S, ks)
+    return up, down
+
+
+DENSE_EXACT_SVD_MAX = 512            # min(m, n) up to which a dense module gets a full SVD
+
+
+def factorize_dense(D: Tensor, rank: int, energy: Optional[float] = None, seed: int = 0
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Factor dense updates (N,m,n) at ≤ ``rank`` (and ``energy``): exact when rank ≥ min(m,n)
+    and no energy target; a full SVD for small modules; else a seeded randomized SVD (range finder
+    with 4 power iterations). Returns (up, down, ks, rel_err) as `truncate`; the reported error is
+    exact for the factors returned (relative to the whole update, also when the randomized SVD
+    saw only the leading values)."""
+    N, m, n = D.shape
+    p = min(m, n)
+    if rank >= p and energy is None:
+        eye = torch.eye(p, dtype=D.dtype, device=D.device).expand(N, p, p)
+        zeros = torch.zeros(N, dtype=torch.float64, device=D.device)
+        ks = torch.full((N,), p, dtype=torch.long, device=D.device)
+        return (eye.clone(), D.clone(), ks, zeros) if m <= n else (D.clone(), eye.clone(), ks, zeros)
+    total = (D.double() ** 2).sum((-1, -2))
+    if p <= DENSE_EXACT_SVD_MAX:
+        U, S, Vh = _svd(D)
+    else:
+        q = min(p, rank + 16)
+        g = torch.Generator().manual_seed(int(seed) + 12345)
+        omega = torch.randn(N, n, q, generator=g, dtype=D.dtype).to(D.device)
+        Q, _ = _qr(D @ omega)
+        for _ in range(4):
+            Z, _ = _qr(mT(D) @ Q)
+            Q, _ = _qr(D @ Z)
+        Ub, S, Vh = _svd(mT(Q) @ D)
+        U = Q @ Ub
+    ks = choose_rank(S, rank, energy, total_sq=total)
+    up, down = keep_leading(U, S, Vh, ks)
+    return up, down, ks, relative_tail_error(S, ks, total)
 
 
 def balanced(B: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
@@ -128,14 +180,21 @@ def balanced(B: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
     return b, a
 
 
+def safe_inverse(x: Tensor, rel: float = 0.0) -> Tensor:
+    """1/x, and 0 where x is 0, below ``rel`` times the largest value of its last dimension, or
+    below the dtype's smallest normal number (its reciprocal would overflow): a zero column or
+    block gets a zero, never an inf."""
+    smallest = torch.finfo(x.dtype).tiny
+    thr = (rel * x.amax(-1, keepdim=True)).clamp_min(smallest) if rel else smallest
+    return torch.where(x > thr, 1.0 / x.clamp_min(smallest), torch.zeros_like(x))
+
+
 def block_indicator(ranks: Sequence[int], device=None, dtype=torch.float32) -> Tensor:
     """E (R×T) with ``E[k, i] = 1`` when row k of the stacked factors belongs to input i."""
     R = sum(ranks)
     E = torch.zeros(R, len(ranks), device=device, dtype=dtype)
-    o = 0
-    for i, r in enumerate(ranks):
+    for i, (o, r) in enumerate(blocks(ranks)):
         E[o:o + r, i] = 1
-        o += r
     return E
 
 

@@ -34,7 +34,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .linalg import (balanced, block_indicator, block_inner_products_from_grams, cosine_from_inner, mT,
+from .linalg import (balanced, blocks, safe_inverse, block_indicator, block_inner_products_from_grams, cosine_from_inner, mT,
                      span_qr)
 
 Tensor = torch.Tensor
@@ -45,11 +45,13 @@ ADAM_BASE_LR = 0.03       # adam: lr=1 means a step of 0.03·RMS of the block's 
 
 @dataclass(frozen=True)
 class OrthOptions:
-    steps: int = 10
-    lr: float = 1.0
-    gamma: float = 0.5
-    optimizer: str = "gd"
-    balanced: bool = True
+    """The descent's options. No defaults here: they live in the method registry's `Param`s
+    (``orth_*``, ``balanced``), and the engine builds this from the resolved parameters."""
+    steps: int
+    lr: float
+    gamma: float
+    optimizer: str
+    balanced: bool
 
     def key(self) -> Tuple:
         return (self.steps, self.lr, self.gamma, self.optimizer, self.balanced)
@@ -57,7 +59,7 @@ class OrthOptions:
 
 @dataclass
 class OrthResult:
-    B: Tensor                 # (N, m, R) orthogonalized (or only balanced) up factors
+    B: Optional[Tensor]       # (N, m, R) orthogonalized (or only balanced) up factors (None: see right_B)
     A: Tensor                 # (N, R, n)
     cos_before: Tensor        # (N, T, T) cosine of the task updates before the descent
     cos_after: Tensor         # (N, T, T) after
@@ -68,19 +70,24 @@ class OrthResult:
     norms_before: Tensor      # (N, T) ‖ΔW_i‖_F (strength 1)
     norms_after: Tensor       # (N, T) ‖B̂_iÂ_i‖_F
     GB: Optional[Tensor] = None   # (N, R, R) B̂ᵀB̂ (for the decouple magnitudes)
-
-
-def _safe_inverse(x: Tensor) -> Tensor:
-    """1/x, and 0 where x is 0 or below the dtype's smallest normal number (a zero block, or one
-    whose Gram underflowed: its reciprocal would overflow)."""
-    tiny = torch.finfo(x.dtype).tiny
-    return torch.where(x > tiny, 1.0 / x.clamp_min(tiny), torch.zeros_like(x))
+    right_B: Optional[Tensor] = None   # (N, R, R) with B̂ = B @ right_B (gram route; None: B̂ = B)
 
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
     """num/den, and 0 where den is 0 (a zero block: ‖δ‖/‖X‖ is 0, not 0/0)."""
     tiny = torch.finfo(den.dtype).tiny
     return torch.where(den > tiny, num / den.clamp_min(tiny), torch.zeros_like(num))
+
+
+def gd_step(G0: Tensor, E: Tensor, opts: OrthOptions) -> Tensor:
+    """The gd step ``lr/L`` (…, 1, 1) for the normalised Gram ``G0 = Y⁰Y⁰ᵀ`` (…, R, R), with L an
+    upper bound of the loss's Hessian at the start: ``2γ + maxᵢ Σ_{j≠i}(5σ_j² + σ_i²)``, σ_j²
+    bounded by ``‖Y_jY_jᵀ‖_F``. Both descent routes use it."""
+    s = (((G0 * G0) * (E @ mT(E))) @ E).sum(-2).clamp_min(0).sqrt()        # (…, T) ‖Y_jY_jᵀ‖_F
+    tot = s.sum(-1, keepdim=True)
+    T = E.shape[-1]
+    bound = (5.0 * (tot - s) + (T - 1) * s).amax(-1)                        # (…,)
+    return (float(opts.lr) / (2.0 * float(opts.gamma) + bound).clamp_min(1e-12)).reshape(*bound.shape, 1, 1)
 
 
 def _block_norms(X: Tensor, E: Tensor) -> Tensor:
@@ -102,7 +109,7 @@ def descend(X0: Tensor, ranks: Sequence[int], opts: OrthOptions) -> Tuple[Tensor
     off = 1.0 - E @ mT(E)                                            # 1 on cross-block entries
     nrm = _block_norms(X0, E)                                        # (…, T)
     row_scale = nrm @ mT(E)                                          # (…, R)
-    inv = _safe_inverse(row_scale)
+    inv = safe_inverse(row_scale)
     Y0 = X0 * inv.unsqueeze(-1)
     gamma = float(opts.gamma)
     loss0 = _cross_loss(Y0, off)
@@ -110,14 +117,7 @@ def descend(X0: Tensor, ranks: Sequence[int], opts: OrthOptions) -> Tuple[Tensor
         return X0.clone(), loss0, loss0
     Y = Y0.clone()
     if opts.optimizer == "gd":
-        # Hessian bound at the start, per module: σ_j² ≤ ‖Y_jY_jᵀ‖_F.
-        G0 = Y0 @ mT(Y0)
-        diag_mask = E @ mT(E)
-        s = (((G0 * G0) * diag_mask) @ E).sum(-2).clamp_min(0).sqrt()          # (…, T)
-        tot = s.sum(-1, keepdim=True)
-        T = len(ranks)
-        bound = (5.0 * (tot - s) + (T - 1) * s).amax(-1)                        # (…,)
-        step = (float(opts.lr) / (2.0 * gamma + bound).clamp_min(1e-12)).reshape(*bound.shape, 1, 1)
+        step = gd_step(Y0 @ mT(Y0), E, opts)
         for _ in range(int(opts.steps)):
             G = Y @ mT(Y)
             grad = 2.0 * ((G * off) @ Y) + (2.0 * gamma) * (Y - Y0)
@@ -148,29 +148,29 @@ def descend(X0: Tensor, ranks: Sequence[int], opts: OrthOptions) -> Tuple[Tensor
 def _balance_in_coords(XB: Tensor, XA: Tensor, ranks: Sequence[int]) -> Tuple[Tensor, Tensor]:
     """Balanced form of every LoRA, computed on its span coordinates (rows × k)."""
     outB, outA = [], []
-    o = 0
-    for r in ranks:
+    for o, r in blocks(ranks):
         b, a = balanced(mT(XB[..., o:o + r, :]), XA[..., o:o + r, :])
         outB.append(mT(b))
         outA.append(a)
-        o += r
     return torch.cat(outB, -2), torch.cat(outA, -2)
 
 
 def orthogonalize(B: Tensor, A: Tensor, ranks: Sequence[int], opts: OrthOptions, run_descent: bool = True,
-                  route: str = "auto") -> OrthResult:
+                  route: str = "auto", map_up: bool = True) -> OrthResult:
     """Balanced form (if ``opts.balanced``) and the descent (if ``run_descent``) for stacked factors
     ``B`` (N, m, R), ``A`` (N, R, n) of T = len(ranks) LoRAs (strengths not applied).
 
     ``route``: ``gram`` (gd only: the descent as an R×R transform of the rows, from the Grams — no
     QR), ``qr`` (span coordinates from a QR of each stacked factor; any optimizer), ``auto``
-    (gram for gd, qr for adam). Both give the same result for gd (tested)."""
+    (gram for gd, qr for adam). Both give the same result for gd (tested). ``map_up=False`` (gram
+    route): ``B`` is left None and ``right_B`` says how to map it, so a caller can apply the R×R
+    transform on the cheaper side of the merged update (``B @ (right_B @ D)``)."""
     if route == "auto":
         route = "gram" if opts.optimizer == "gd" else "qr"
     if route == "gram":
         if opts.optimizer != "gd":
             raise ValueError("the gram route runs gradient descent only")
-        return orthogonalize_gram(B, A, ranks, opts, run_descent)
+        return orthogonalize_gram(B, A, ranks, opts, run_descent, map_up)
     return orthogonalize_qr(B, A, ranks, opts, run_descent)
 
 
@@ -287,16 +287,30 @@ def balance_gauges(GB: Tensor, GA: Tensor, ranks: Sequence[int]) -> Tuple[Tensor
     tol = 10.0 * (torch.finfo(dt).eps ** 0.5)
     MB = torch.zeros(GB.shape, dtype=torch.float64, device=GB.device)
     MA = torch.zeros_like(MB)
-    o = 0
-    for r in ranks:
+    for o, r in blocks(ranks):
         gb = GB[..., o:o + r, o:o + r].double()
         ga = GA[..., o:o + r, o:o + r].double()
         res = _balance_block_chol(gb, ga, tol)
         mb, ma = res if res is not None else _balance_block_eigh(gb, ga, tol)
         MB[..., o:o + r, o:o + r] = mb
         MA[..., o:o + r, o:o + r] = ma
-        o += r
     return MB.to(dt), MA.to(dt)
+
+
+def cross_product(Y: Tensor, ranks: Sequence[int]) -> Tensor:
+    """``((YYᵀ) ⊙ off) Y`` for rows Y (…, R, k) in blocks of ``ranks``, ``off`` = 1 on cross-block
+    entries: block i of the result is ``Σ_{j≠i} (Y_iY_jᵀ) Y_j``. Only the cross blocks of the Gram
+    are formed, once per pair (about half the products of the dense form for three LoRAs)."""
+    out = torch.zeros_like(Y)
+    bl = list(blocks(ranks))
+    for a, (oa, ra) in enumerate(bl):
+        Ya = Y[..., oa:oa + ra, :]
+        for ob, rb in bl[a + 1:]:
+            Yb = Y[..., ob:ob + rb, :]
+            G = Ya @ mT(Yb)
+            out[..., oa:oa + ra, :] += G @ Yb
+            out[..., ob:ob + rb, :] += mT(G) @ Ya
+    return out
 
 
 def descend_gram(G: Tensor, ranks: Sequence[int], opts: OrthOptions) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -305,19 +319,14 @@ def descend_gram(G: Tensor, ranks: Sequence[int], opts: OrthOptions) -> Tuple[Te
     Returns (Tm, G1, loss_before, loss_after): the rows map as X̂ = Tm X, and G1 = X̂X̂ᵀ."""
     E = block_indicator(ranks, G.device, G.dtype)
     off = 1.0 - E @ mT(E)
-    diag_mask = E @ mT(E)
     nrm = (torch.diagonal(G, dim1=-2, dim2=-1) @ E).clamp_min(0).sqrt()      # (…, T)
     row = nrm @ mT(E)                                                         # (…, R)
-    inv = _safe_inverse(row)
+    inv = safe_inverse(row)
     G0 = G * inv.unsqueeze(-1) * inv.unsqueeze(-2)
     loss0 = 0.5 * ((G0 * G0) * off).sum((-1, -2))
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     gamma = float(opts.gamma)
-    s = (((G0 * G0) * diag_mask) @ E).sum(-2).clamp_min(0).sqrt()           # (…, T) ‖Y_jY_jᵀ‖_F
-    tot = s.sum(-1, keepdim=True)
-    T = len(ranks)
-    bound = (5.0 * (tot - s) + (T - 1) * s).amax(-1)
-    step = (float(opts.lr) / (2.0 * gamma + bound).clamp_min(1e-12)).reshape(*bound.shape, 1, 1)
+    step = gd_step(G0, E, opts)
     c1 = 1.0 - 2.0 * gamma * step                 # (…, 1, 1)
     c2 = 2.0 * gamma * step
     W = off * (2.0 * step)                         # per-module scaled cross-block mask
@@ -331,10 +340,14 @@ def descend_gram(G: Tensor, ranks: Sequence[int], opts: OrthOptions) -> Tuple[Te
             # Y route: rows Y with Y⁰ = L (YYᵀ = G⁰), 2 products per step; P = Y L⁻¹ at the end.
             Y0c = c2 * L
             Y = L.clone()
+            blockwise = min(ranks) >= 16                  # small blocks: the dense form is faster
             for _ in range(int(opts.steps)):
-                Gy = Y @ mT(Y)
-                Y = torch.baddbmm(c1 * Y + Y0c, Gy * W, Y, alpha=-1.0) if Y.dim() == 3 else \
-                    c1 * Y + Y0c - (Gy * W) @ Y
+                if blockwise:
+                    Y = c1 * Y + Y0c - (2.0 * step) * cross_product(Y, ranks)
+                else:
+                    Gy = Y @ mT(Y)
+                    Y = torch.baddbmm(c1 * Y + Y0c, Gy * W, Y, alpha=-1.0) if Y.dim() == 3 else \
+                        c1 * Y + Y0c - (Gy * W) @ Y
             P = torch.linalg.solve_triangular(L, Y, upper=False, left=False)
     if P is None:
         # P route (any Gram, also singular): P ← c1 P + c2 I − 2η ((P G⁰ Pᵀ) ⊙ off) P
@@ -358,7 +371,7 @@ def _block_rel_delta(Tm: Tensor, G: Tensor, E: Tensor) -> Tensor:
 
 
 def orthogonalize_gram(B: Tensor, A: Tensor, ranks: Sequence[int], opts: OrthOptions,
-                       run_descent: bool = True) -> OrthResult:
+                       run_descent: bool = True, map_up: bool = True) -> OrthResult:
     """Balanced form + gd descent through R×R Grams and one map-back product per factor."""
     GB = mT(B) @ B
     GA = A @ mT(A)
@@ -387,7 +400,7 @@ def orthogonalize_gram(B: Tensor, A: Tensor, ranks: Sequence[int], opts: OrthOpt
         loss0 = loss1 = torch.zeros(GB.shape[:-2], dtype=GB.dtype, device=GB.device)
         left_A, right_B = MA, MB
     A_hat = left_A @ A if left_A is not None else A
-    B_hat = B @ right_B if right_B is not None else B
+    B_hat = (B @ right_B if right_B is not None else B) if map_up else None
     return OrthResult(B=B_hat, A=A_hat, cos_before=cosine_from_inner(K0), cos_after=cosine_from_inner(K1),
                       rel_delta_A=dA, rel_delta_B=dB, loss_before=loss0, loss_after=loss1,
-                      norms_before=_diag_sqrt(K0), norms_after=_diag_sqrt(K1), GB=GB1)
+                      norms_before=_diag_sqrt(K0), norms_after=_diag_sqrt(K1), GB=GB1, right_B=right_B)

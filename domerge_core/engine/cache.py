@@ -18,11 +18,12 @@ Three stores:
   drops any other batch that shares a module with it, and evicting a module entry drops its
   batch, so the stacked store never holds more than one copy of a module's tensors;
 - input norms (``get_norm``/``put_norm``): ``‖ΔW‖`` of a module of an input at strength 0 (for
-  the per-LoRA diagnostics), keyed by the module object.
+  the per-LoRA diagnostics).
 
-Entries hold strong references to the input modules, so an ``id()`` in a key cannot be reused by
-another object while the entry lives. ``max_entries`` bounds the number of module entries (oldest
-dropped first), and likewise the number of modules held in stacked batches.
+Values are `engine.prepare.Prepared` records (never modified once stored). Keys name the input
+modules by their ``uid`` (unique per object, never reused), so no entry can be mistaken for another
+object's. ``max_entries`` bounds the number of module entries (oldest dropped first), and likewise
+the number of modules held in stacked batches.
 """
 from __future__ import annotations
 
@@ -34,10 +35,10 @@ class MergeCache:
     """Pass the same instance to successive ``merge(..., cache=cache)`` calls."""
 
     def __init__(self, max_entries: Optional[int] = None):
-        self._entries: "OrderedDict[Hashable, Dict[str, Any]]" = OrderedDict()
-        self._stacked: "OrderedDict[Hashable, Tuple[Dict[str, Any], list]]" = OrderedDict()
+        self._entries: "OrderedDict[Hashable, Any]" = OrderedDict()          # -> Prepared (one module)
+        self._stacked: "OrderedDict[Hashable, Tuple[Any, list]]" = OrderedDict()  # -> (Prepared, members)
         self._members: Dict[Hashable, Hashable] = {}          # module key -> stacked-batch key
-        self._norms: Dict[Hashable, Tuple[Any, float]] = {}    # -> (module object, norm)
+        self._norms: Dict[Hashable, float] = {}
         self.max_entries = max_entries
         self.hits = 0
         self.misses = 0
@@ -45,7 +46,7 @@ class MergeCache:
         self.stacked_misses = 0
 
     # ---- module entries
-    def get(self, key: Hashable) -> Optional[Dict[str, Any]]:
+    def get(self, key: Hashable) -> Optional[Any]:
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
@@ -53,7 +54,7 @@ class MergeCache:
             self.hits += 1
         return entry
 
-    def put(self, key: Hashable, entry: Dict[str, Any]) -> None:
+    def put(self, key: Hashable, entry: Any) -> None:
         self._entries[key] = entry
         if self.max_entries is not None:
             while len(self._entries) > self.max_entries:
@@ -61,7 +62,7 @@ class MergeCache:
                 self._drop_stacked_of(old)
 
     # ---- stacked batches
-    def get_stacked(self, key: Hashable) -> Optional[Dict[str, Any]]:
+    def get_stacked(self, key: Hashable) -> Optional[Any]:
         hit = self._stacked.get(key)
         if hit is None:
             self.stacked_misses += 1
@@ -70,7 +71,7 @@ class MergeCache:
         self.hits += len(hit[1])          # every module of the batch is reused
         return hit[0]
 
-    def put_stacked(self, key: Hashable, value: Dict[str, Any], members: Iterable[Hashable]) -> None:
+    def put_stacked(self, key: Hashable, value: Any, members: Iterable[Hashable]) -> None:
         members = list(members)
         for m in members:
             self._drop_stacked_of(m)
@@ -95,11 +96,10 @@ class MergeCache:
 
     # ---- norms of inactive inputs
     def get_norm(self, key: Hashable) -> Optional[float]:
-        hit = self._norms.get(key)
-        return None if hit is None else hit[1]
+        return self._norms.get(key)
 
-    def put_norm(self, key: Hashable, module: Any, value: float) -> None:
-        self._norms[key] = (module, value)
+    def put_norm(self, key: Hashable, value: float) -> None:
+        self._norms[key] = value
 
     # ----
     def clear(self) -> None:

@@ -10,14 +10,14 @@
   (:func:`flux_targets`), like diffusers' ``_convert_kohya_flux_lora_to_diffusers``.
 - CLIP paths are accepted with or without ``text_model.``; canonical keys carry it.
 
-:func:`check_compatible` refuses inputs for different base models (same module, other shape).
+(Whether several inputs fit one base model is the engine's rule: `engine.plan.check_compatible`.)
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..errors import IncompatibleLorasError
 
 # identifiers with underscores that appear in module paths (longest match first when re-dotting)
 _COMPOUNDS = """
@@ -32,18 +32,22 @@ final_layer time_text_embed timestep_embedder guidance_embedder text_embedder ti
 embed_tokens gate_proj up_proj down_proj o_proj lm_head
 """.split()
 _COMPOUND_TOKENS = sorted((c.split("_") for c in _COMPOUNDS), key=len, reverse=True)
+_BY_FIRST: Dict[str, List[List[str]]] = {}          # first token -> compounds, longest first
+for _c in _COMPOUND_TOKENS:
+    _BY_FIRST.setdefault(_c[0], []).append(_c)
 
 TE_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 COMPONENTS = ("unet", "transformer", "prior", "model") + TE_COMPONENTS
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def kohya_path(flat: str) -> str:
     """``down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`` -> ``down_blocks.0.….attn1.to_q``."""
     toks = flat.split("_")
     out: List[str] = []
     i = 0
     while i < len(toks):
-        for comp in _COMPOUND_TOKENS:
+        for comp in _BY_FIRST.get(toks[i], ()):
             n = len(comp)
             if toks[i:i + n] == comp:
                 out.append("_".join(comp))
@@ -234,74 +238,3 @@ def flux_kohya_path(flat: str) -> str:
     path = re.sub(r"\.(img_mod|txt_mod)\.lin$", r".\1.lin", path)
     path = re.sub(r"\.modulation\.lin$", ".modulation.lin", path)
     return path
-
-
-# ----------------------------------------------------------------------------------------------
-# compatibility of several inputs
-# ----------------------------------------------------------------------------------------------
-def check_compatible(loras: Sequence) -> None:
-    """Raise :class:`IncompatibleLorasError` when two inputs patch the same module with different
-    shapes (e.g. SD1.5 and SDXL), or share no module at all while their base models differ. (Inputs
-    that share no module but may be for one model — a UNet-only and a text-encoder-only LoRA — pass.)
-
-    The message names both files and one conflicting module with both shapes.
-    """
-    if len(loras) < 2:
-        return
-    _refuse_same_file(loras)
-    seen: Dict[str, Tuple[object, object]] = {}       # key -> (lora, module) of its first provider
-    for lora in loras:
-        for key, m in lora.modules.items():
-            prev = seen.get(key)
-            if prev is None:
-                seen[key] = (lora, m)
-                continue
-            pl, pm = prev
-            if not _same_shape(pm, m):
-                raise IncompatibleLorasError(
-                    f"{pl.name} and {lora.name} are for different base models: module {key} is "
-                    f"{_shape(pm)} in {pl.name} but {_shape(m)} in {lora.name}", file=lora.source, key=key)
-    first = loras[0]
-    for other in loras[1:]:
-        bf, bo = first.base_model, other.base_model
-        if bf and bo and bf != bo and not (set(first.modules) & set(other.modules)):
-            k1, k2 = next(iter(first.modules), "-"), next(iter(other.modules), "-")
-            raise IncompatibleLorasError(
-                f"{first.name} ({bf}) and {other.name} ({bo}) are for different base models and share "
-                f"no module (e.g. {k1} vs {k2})", file=other.source)
-
-
-def _refuse_same_file(loras: Sequence) -> None:
-    """The same file given twice (also through a link) is almost surely a mistake: its weight would
-    simply double. Give it once with a larger weight instead."""
-    import os
-    files = []
-    for lora in loras:
-        src = getattr(lora, "source", None)
-        if not src or not os.path.isfile(src):
-            continue
-        for prev in files:
-            same = os.path.abspath(prev) == os.path.abspath(src)
-            if not same:
-                try:
-                    same = os.path.samefile(prev, src)
-                except OSError:
-                    same = False
-            if same:
-                how = "twice" if os.path.abspath(prev) == os.path.abspath(src) else f"twice (also as {prev})"
-                raise IncompatibleLorasError(f"the same file is given {how}; give it once with a larger "
-                                             f"weight instead", file=src)
-        files.append(src)
-
-
-def _same_shape(a, b) -> bool:
-    """Same weight shape; a 1x1 conv and a linear layer of the same size count as the same."""
-    if (a.out_features, a.in_features) != (b.out_features, b.in_features):
-        return False
-    ka = tuple(a.kernel_size) if a.kind == "conv" and a.kernel_size else (1, 1)
-    kb = tuple(b.kernel_size) if b.kind == "conv" and b.kernel_size else (1, 1)
-    return ka == kb
-
-
-def _shape(m) -> str:
-    return "x".join(str(s) for s in m.weight_shape)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..errors import DomergeError, LoraFormatError, OutputExistsError
+from ..progress import checkpoint
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 CONVERT_HINT = "convert it to .safetensors first (domerge never unpickles files)"
@@ -300,6 +301,8 @@ def write_safetensors(f, tensors, metadata: Optional[Dict[str, str]] = None) -> 
     blob += b" " * (-len(blob) % 8)          # data starts 8-byte aligned, as safetensors writes it
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
+    f.flush()
+    checkpoint("write")
     for name in names:
         t = tensors[name]
         if hasattr(t, "materialize"):            # formats.writers.LazyTensor: computed only now

@@ -7,6 +7,8 @@ from typing import List, Sequence, Union
 
 import torch
 
+from ..algebra.linalg import blocks
+
 Tensor = torch.Tensor
 
 
@@ -29,11 +31,7 @@ class TaskSet:
 
     @property
     def offsets(self) -> List[int]:
-        out, o = [], 0
-        for r in self.ranks:
-            out.append(o)
-            o += r
-        return out
+        return [o for o, _ in blocks(self.ranks)]
 
     @property
     def ups(self) -> List[Tensor]:

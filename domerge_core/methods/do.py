@@ -10,5 +10,5 @@ SPEC = register(MethodSpec(
     description="Decouple and Orthogonalize: orthogonalize the LoRAs' factors, merge column "
                 "magnitudes and unit directions separately (directions by task arithmetic), recombine. "
                 "Exact low rank.",
-    params=(LAM,), fn=task_arithmetic, lowrank=True,
+    params=(LAM,), fn=task_arithmetic, lowrank=True, linear=True,
     defaults_override={"decouple": True, "orthogonalize": True}))

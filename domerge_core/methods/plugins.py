@@ -6,6 +6,8 @@ Defaults are provisional (measured on synthetic inputs; the benchmark issue sett
 """
 from __future__ import annotations
 
+from ..algebra.decouple import MAGNITUDE_RULES, RECOMBINE_RULES
+from ..algebra.orthogonalize import OPTIMIZERS
 from .registry import PLUGIN_PARAMS, Param
 
 PARAMS = [
@@ -25,17 +27,17 @@ PARAMS = [
           help="Weight of the stay-close term γ·‖δ‖²/‖A‖²: larger keeps the factors closer to the "
                "originals, smaller orthogonalizes more. Default 0.1: best on the validation split of "
                "benchmarks/quality (+0.46 ± 0.30 points of normalized accuracy over 0.5; 1 and 10 lose)."),
-    Param("orth_optimizer", "choice", "gd", choices=("gd", "adam"), label="Orth. optimizer",
+    Param("orth_optimizer", "choice", "gd", choices=OPTIMIZERS, label="Orth. optimizer",
           help="gd: gradient descent with a Lipschitz step (rotation-equivariant, exact in the span "
                "coordinates); adam: Adam run in those coordinates."),
     Param("balanced", "bool", True, label="Balanced form",
           help="Put every LoRA in the balanced form U√S, √S Vᵀ before orthogonalizing, so the result "
                "does not depend on how a trainer split scale between up and down."),
-    Param("magnitude", "choice", "weighted_mean", choices=("weighted_mean", "mean", "max"),
+    Param("magnitude", "choice", "weighted_mean", choices=MAGNITUDE_RULES,
           label="Magnitude merge",
           help="How decouple merges column magnitudes: strength-weighted mean (plain mean at equal "
                "strengths), mean of the strength-scaled magnitudes, or their maximum."),
-    Param("recombine", "choice", "v1", choices=("v1", "v2"), label="Recombine",
+    Param("recombine", "choice", "v1", choices=RECOMBINE_RULES, label="Recombine",
           help="v1: λ·direction·magnitude; v2: norm-preserving, each merged column gets exactly the "
                "merged magnitude (times λ)."),
 ]

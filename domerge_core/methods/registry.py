@@ -61,6 +61,9 @@ class MethodSpec:
     params: Tuple[Param, ...]      # the method's own parameters
     fn: Callable[..., Any]         # implementation; see methods/__init__.py for the calling convention
     lowrank: bool = False          # True: exact low-rank path, never builds an m×n matrix
+    # True: the merge is exactly Σ_i up_i·down_i of the tasks it is given (task arithmetic), so the
+    # engine may skip the call and apply the factors' R×R transforms on the cheaper side
+    linear: bool = False
     defaults_override: Dict[str, Any] = field(default_factory=dict)   # e.g. do: decouple=True
 
     def all_params(self) -> List[Param]:

@@ -14,4 +14,4 @@ SPEC = register(MethodSpec(
     name="ta", label="Task arithmetic",
     description="Sum of the LoRAs' updates at their strengths (what chained LoRA loaders apply), "
                 "exact at rank Σ ranks.",
-    params=(LAM,), fn=task_arithmetic, lowrank=True))
+    params=(LAM,), fn=task_arithmetic, lowrank=True, linear=True))

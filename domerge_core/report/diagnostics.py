@@ -35,7 +35,7 @@ def block_of(key: str) -> str:
     return ".".join(parts[:2]) if len(parts) > 1 else key
 
 
-def _lora_name(lora: Lora, i: int) -> str:
+def lora_name(lora: Lora, i: int) -> str:
     try:
         name = lora.name
     except Exception:  # noqa: BLE001
@@ -150,7 +150,7 @@ def merge_report(loras: Sequence[Lora], weights: Sequence[float], method: str, p
                  records: Dict[str, Dict[str, Any]], jobs, rank=None, energy=None,
                  extra_norms: Optional[Dict[str, Sequence]] = None) -> Dict[str, Any]:
     """The `MergeResult.report` dict (``extra_norms``: see `summarize`)."""
-    names = [_lora_name(l, i) for i, l in enumerate(loras)]
+    names = [lora_name(l, i) for i, l in enumerate(loras)]
     errs = [r["rel_error"] for r in records.values()]
     ranks = [r["rank"] for r in records.values()]
     skipped = [j.key for j in jobs if j.key not in records]
@@ -173,91 +173,3 @@ def merge_report(loras: Sequence[Lora], weights: Sequence[float], method: str, p
         "modules": records,
         "skipped": skipped,
     }
-
-
-def analyze(loras, weights: Optional[Sequence[float]] = None, orthogonalize_params: Optional[Dict[str, Any]] = None,
-            device: str = "auto", compute_dtype: torch.dtype = torch.float32, spectrum: bool = True,
-            per_module: bool = False) -> Dict[str, Any]:
-    """Diagnostics of a set of LoRAs (objects or paths) without merging: norms, magnitude
-    variance, cosines before/after the orthogonalization (``orthogonalize_params``: ``orth_*`` and
-    ``balanced`` values; default ``do``'s), ‖δ‖ ratios, ranks and truncation energy."""
-    from ..devices import resolve_device
-    from ..algebra.linalg import exact_svd
-    from ..engine.merge import (_check_weights, _load_inputs, _load_stack, _sources, batch_jobs, inactive_norms,
-                          locate_linalg_failure, plan_modules, prepare_batch, prepare_single)
-    from ..methods import get_method
-
-    loras = _load_inputs(loras)
-    w = _check_weights(weights, len(loras))
-    dev = resolve_device(device)
-    p = get_method("do").resolve(orthogonalize_params or {})
-    p["orthogonalize"] = True
-    jobs = plan_modules(loras, w)
-    elem = torch.empty((), dtype=compute_dtype).element_size()
-    records: Dict[str, Dict[str, Any]] = {}
-    kept_at_rmax: List[float] = []
-    rank99: List[int] = []
-    sources = _sources(loras)
-
-    def run(batch):
-        """(stats lists, spectrum (kept, r99) or None) of one batch."""
-        idx = [i for i, _ in batch[0].active]
-        ranks = [mod.rank for _, mod in batch[0].active]
-        if len(idx) < 2:
-            nrm = prepare_single(batch, compute_dtype, dev, sources=sources)["norms"][:, 0].tolist()
-            return {"norms": [[x] for x in nrm], "norms_after": [[x] for x in nrm],
-                    "cos_before": [[[1.0]]] * len(batch), "cos_after": [[[1.0]]] * len(batch),
-                    "rel_delta_A": [[0.0]] * len(batch), "rel_delta_B": [[0.0]] * len(batch)}, None
-        pre = prepare_batch(batch, p, compute_dtype, dev, sources=sources)
-        stats = {k: pre[k].tolist() for k in ("cos_before", "cos_after", "rel_delta_A", "rel_delta_B",
-                                               "norms", "norms_after")}
-        if not spectrum:
-            return stats, None
-        # exact spectrum of the task-arithmetic merge at the given strengths (original factors)
-        B, A, _ = _load_stack(batch, compute_dtype, dev)
-        wv = torch.cat([torch.full((r,), w[i], dtype=compute_dtype, device=dev) for i, r in zip(idx, ranks)])
-        _, S, _ = exact_svd(B * wv, A)
-        e2 = S.double() ** 2
-        tot = e2.sum(-1).clamp_min(1e-300)
-        cum = torch.cumsum(e2, -1) / tot.unsqueeze(-1)
-        rmax = max(ranks)
-        return stats, (cum[..., min(rmax, S.shape[-1]) - 1].tolist(), ((cum < 0.99).sum(-1) + 1).tolist())
-
-    for batch in batch_jobs(jobs, elem, dense=False):
-        idx = [i for i, _ in batch[0].active]
-        ranks = [mod.rank for _, mod in batch[0].active]
-        try:
-            stats, spec = run(batch)
-        except torch.linalg.LinAlgError as e:
-            raise locate_linalg_failure(e, batch, sources, compute_dtype, dev, rerun=run) from e
-        for j, job in enumerate(batch):
-            rec = {"inputs": idx, "ranks": ranks, **{k: v[j] for k, v in stats.items()}}
-            if spec is not None:
-                kept, r99 = spec
-                rec["energy_kept_at_max_rank"] = kept[j]
-                rec["rank_for_99pct_energy"] = int(r99[j])
-                kept_at_rmax.append(kept[j])
-                rank99.append(int(r99[j]))
-            records[job.key] = rec
-    extra_norms = inactive_norms(jobs, compute_dtype, dev, sources=sources)
-    names = [_lora_name(l, i) for i, l in enumerate(loras)]
-    out = summarize(records, names, w, extra_norms=extra_norms)
-    for i, l in enumerate(loras):
-        rk = [m.rank for m in l]
-        out["loras"][i].update({"modules": len(l), "rank_min": min(rk) if rk else 0,
-                                "rank_max": max(rk) if rk else 0, "format": l.format,
-                                "base_model": l.base_model})
-    out["orthogonalize_params"] = {k: p[k] for k in ("orth_steps", "orth_lr", "orth_gamma", "orth_optimizer",
-                                                     "balanced")}
-    out["modules_total"] = len(jobs)
-    out["modules_shared"] = sum(1 for j in jobs if len(j.active) >= 2)
-    if spectrum and kept_at_rmax:
-        out["truncation"] = {
-            "energy_kept_at_max_rank_mean": sum(kept_at_rmax) / len(kept_at_rmax),
-            "energy_kept_at_max_rank_min": min(kept_at_rmax),
-            "rank_for_99pct_energy_mean": sum(rank99) / len(rank99),
-            "rank_for_99pct_energy_max": max(rank99),
-        }
-    if per_module:
-        out["modules"] = records
-    return out
