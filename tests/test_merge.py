@@ -468,3 +468,48 @@ def test_linear_merge_maps_the_smaller_side_only(method, params, monkeypatch):
     two = merge(loras, method, params, weights=w, device="cpu", compute_dtype=torch.float64)
     for key in SHAPES:
         assert rel(d64(one.lora[key]), d64(two.lora[key])) < 1e-12, key
+
+
+# ----------------------------------------------------------------------------- per-module strengths
+
+@pytest.mark.parametrize("method", ["ta", "do", "ties"])
+def test_multipliers_scale_an_inputs_strength_per_module(method):
+    """``multipliers[i](key)`` multiplies input i's strength on that module (block weights, a CLIP
+    strength): the same as merging with that strength, module by module; 0 leaves the input out."""
+    loras = make(corr=0.2)
+    mult = [None, lambda k: 0.5 if k.startswith("text_encoder") else 1.0,
+            lambda k: 0.0 if k == LIN else 2.0]
+    w = [1.0, 0.8, 0.6]
+    res = merge(loras, method, weights=w, multipliers=mult, device="cpu", compute_dtype=torch.float64)
+    for key in SHAPES:
+        eff = [w[i] * (1.0 if f is None else f(key)) for i, f in enumerate(mult)]
+        keep = [i for i, e in enumerate(eff) if e != 0.0]
+        ref = merge([loras[i] for i in keep], method, weights=[eff[i] for i in keep], device="cpu",
+                    compute_dtype=torch.float64)
+        assert rel(d64(res.lora[key]), d64(ref.lora[key])) < 1e-9, key
+    assert res.report["modules"][LIN]["inputs"] == [0, 1]
+
+
+def test_multipliers_are_checked():
+    loras = make()
+    with pytest.raises(InvalidParameterError):
+        merge(loras, "ta", multipliers=[None, None], device="cpu")
+    with pytest.raises(InvalidParameterError):
+        merge(loras, "ta", multipliers=[None, None, lambda k: float("nan")], device="cpu")
+
+
+def test_a_linear_and_a_1x1_conv_are_the_same_weight():
+    """One file stores a layer as a linear (m×n), another as a 1×1 conv (m×n×1×1): the shape rule
+    treats them as the same weight, so they merge (as in `canonical`'s alignment)."""
+    g = torch.Generator().manual_seed(4)
+    key = "unet.down_blocks.1.attentions.0.proj_in"
+    up1, down1 = torch.randn(40, 4, generator=g), torch.randn(4, 32, generator=g) / 6
+    up2, down2 = torch.randn(40, 6, generator=g), torch.randn(6, 32, generator=g) / 6
+    lin = Lora({key: LoraModule.from_tensors(key, up1, down1, 1.0)}, "kohya", source="lin.safetensors")
+    conv = Lora({key: LoraModule.from_tensors(key, up2.reshape(40, 6, 1, 1), down2.reshape(6, 32, 1, 1), 0.5)},
+                "kohya", source="conv.safetensors")
+    from domerge_core import check_compatible
+    check_compatible([lin, conv])
+    res = merge([lin, conv], "ta", weights=[1.0, 0.7], device="cpu", compute_dtype=torch.float64)
+    ref = up1.double() @ down1.double() + 0.7 * 0.5 * up2.double() @ down2.double()
+    assert rel(d64(res.lora[key]), ref) < 1e-12

@@ -147,9 +147,9 @@ def _build(batch: Sequence[ModuleJob], ctx: RunContext) -> Prepared:
 
 
 def module_key(job: ModuleJob, ctx: RunContext) -> Tuple:
-    """What a module's prepared factors depend on: the module, which inputs are active (by the
-    module objects' ids that are never reused), the compute dtype and device, and the
-    orthogonalization options when it runs."""
+    """What a module's prepared factors depend on: the module, which inputs are active (by their
+    module objects' uids, never reused), the compute dtype and device, and the orthogonalization
+    options when it runs."""
     okey = ctx.orth_options().key() if ctx.orthogonalizing and len(job.active) > 1 else None
     return (job.key, tuple((i, mod.uid) for i, mod in job.active), str(ctx.dtype), str(ctx.device), okey)
 
