@@ -297,22 +297,6 @@ def balance_gauges(GB: Tensor, GA: Tensor, ranks: Sequence[int]) -> Tuple[Tensor
     return MB.to(dt), MA.to(dt)
 
 
-def cross_product(Y: Tensor, ranks: Sequence[int]) -> Tensor:
-    """``((YYᵀ) ⊙ off) Y`` for rows Y (…, R, k) in blocks of ``ranks``, ``off`` = 1 on cross-block
-    entries: block i of the result is ``Σ_{j≠i} (Y_iY_jᵀ) Y_j``. Only the cross blocks of the Gram
-    are formed, once per pair (about half the products of the dense form for three LoRAs)."""
-    out = torch.zeros_like(Y)
-    bl = list(blocks(ranks))
-    for a, (oa, ra) in enumerate(bl):
-        Ya = Y[..., oa:oa + ra, :]
-        for ob, rb in bl[a + 1:]:
-            Yb = Y[..., ob:ob + rb, :]
-            G = Ya @ mT(Yb)
-            out[..., oa:oa + ra, :] += G @ Yb
-            out[..., ob:ob + rb, :] += mT(G) @ Ya
-    return out
-
-
 def descend_gram(G: Tensor, ranks: Sequence[int], opts: OrthOptions) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """gd on the rows of a factor given only its Gram G = XXᵀ (…, R, R).
 
@@ -340,14 +324,10 @@ def descend_gram(G: Tensor, ranks: Sequence[int], opts: OrthOptions) -> Tuple[Te
             # Y route: rows Y with Y⁰ = L (YYᵀ = G⁰), 2 products per step; P = Y L⁻¹ at the end.
             Y0c = c2 * L
             Y = L.clone()
-            blockwise = min(ranks) >= 16                  # small blocks: the dense form is faster
             for _ in range(int(opts.steps)):
-                if blockwise:
-                    Y = c1 * Y + Y0c - (2.0 * step) * cross_product(Y, ranks)
-                else:
-                    Gy = Y @ mT(Y)
-                    Y = torch.baddbmm(c1 * Y + Y0c, Gy * W, Y, alpha=-1.0) if Y.dim() == 3 else \
-                        c1 * Y + Y0c - (Gy * W) @ Y
+                Gy = Y @ mT(Y)
+                Y = torch.baddbmm(c1 * Y + Y0c, Gy * W, Y, alpha=-1.0) if Y.dim() == 3 else \
+                    c1 * Y + Y0c - (Gy * W) @ Y
             P = torch.linalg.solve_triangular(L, Y, upper=False, left=False)
     if P is None:
         # P route (any Gram, also singular): P ← c1 P + c2 I − 2η ((P G⁰ Pᵀ) ⊙ off) P
