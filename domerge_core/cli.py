@@ -75,29 +75,6 @@ def _torch_dtype(name: Optional[str]):
 
 # ----------------------------------------------------------------------------- inspect
 
-def _print_matrix(title: str, names: Sequence[str], mat: Sequence[Sequence[float]]) -> None:
-    print(title)
-    w = max(8, max(len(n) for n in names) if names else 8)
-    short = [n if len(n) <= w else n[: w - 1] + "…" for n in names]
-    print(" " * (w + 2) + "".join(f"{i:>9d}" for i in range(len(names))))
-    for i, (n, row) in enumerate(zip(short, mat)):
-        print(f"{i:>2d} {n:<{w}s}" + "".join(f"{x:9.4f}" for x in row)[1:])
-
-
-def _print_analysis(a: Dict[str, Any], names: Sequence[str]) -> None:
-    print("\npairwise analysis")
-    for key, title in (("cosine_before", "mean |cos(ΔW_i, ΔW_j)| over modules, before orthogonalization"),
-                       ("cosine_after", "mean |cos(ΔW_i, ΔW_j)| over modules, after orthogonalization")):
-        if key in a and a[key] is not None:
-            _print_matrix(title, names, a[key])
-    for key in ("magnitude_variance", "delta_rel_A", "delta_rel_B"):
-        if key in a:
-            print(f"  {key:<20s} {a[key]}")
-    if "norms" in a:
-        print("  update norm per LoRA (Frobenius, all modules): "
-              + ", ".join(f"{n}={v:.4g}" for n, v in zip(names, a["norms"])))
-
-
 def cmd_inspect(args) -> int:
     import domerge_core as dc
 
@@ -119,7 +96,9 @@ def cmd_inspect(args) -> int:
     for d in descs:
         print(format_description(d))
     if analysis is not None:
-        _print_analysis(analysis, [os.path.basename(p) for p in args.files])
+        from .report.text import render_analysis
+        print()
+        print(render_analysis(analysis, [os.path.basename(p) for p in args.files]))
     return 0
 
 
@@ -232,24 +211,9 @@ def _write_json_atomic(path: str, data: Any, overwrite: bool) -> None:
 
 
 def _print_merge_summary(result, path: str, elapsed: float) -> None:
-    rep = result.report or {}
-    summary, diag = rep.get("summary", {}), rep.get("diagnostics", {})
-    print(f"merged {len(result.inputs)} LoRAs with {result.method} -> {path}")
-    print(f"  modules           {summary.get('modules', len(result.lora))}")
-    ranks = sorted({m.rank for m in result.lora})
-    if ranks:
-        print(f"  output rank       {ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else ""))
-    if summary.get("rel_error_max"):
-        print(f"  truncation error  max {summary['rel_error_max']:.3g}, mean {summary.get('rel_error_mean', 0):.3g}"
-              " (relative, per module)")
-    if diag.get("mean_abs_cos_before") is not None:
-        after = diag.get("mean_abs_cos_after")
-        print(f"  mean |cos|        {diag['mean_abs_cos_before']:.4g}"
-              + (f" -> {after:.4g} after orthogonalization" if after is not None
-                 and result.params.get("orthogonalize") else ""))
-    if diag.get("magnitude_variance") is not None:
-        print(f"  magnitude var.    {diag['magnitude_variance']:.4g}")
-    print(f"  time              {elapsed:.2f} s")
+    from .report.text import render_merge
+    print(f"merged {len(result.inputs)} LoRAs with {result.method} -> {path} in {elapsed:.2f} s")
+    print(render_merge(result.report or {}))
 
 
 # ----------------------------------------------------------------------------- demo / methods

@@ -85,14 +85,8 @@ def report_text(result, entries, aligner: Optional[glue.KeyAligner], rank, energ
         for src, keys in aligner.unmatched.items():
             lines.append(f"  unmatched in {src} ({len(keys)}): " + ", ".join(keys[:20])
                          + (" ..." if len(keys) > 20 else ""))
-    summary = result.report.get("summary") or {}
-    if summary:
-        lines.append(f"max relative truncation error: {summary.get('rel_error_max', 0.0):.3g}")
-    diag = result.report.get("diagnostics") or {}
-    if "mean_abs_cos_before" in diag:
-        lines.append(f"mean |cos| between LoRAs: {diag['mean_abs_cos_before']:.3f} before, "
-                     f"{diag['mean_abs_cos_after']:.3f} after orthogonalization; magnitude variance "
-                     f"{diag.get('magnitude_variance', 0.0):.3g}")
+    from domerge_core.report.text import render_merge
+    lines.append(render_merge(result.report or {}, [e["name"] for e in entries]))
     return "\n".join(lines)
 
 

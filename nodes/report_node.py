@@ -1,7 +1,6 @@
 """LoRA Merge Report: the merge's diagnostics as an IMAGE (matplotlib) and as text."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import torch
@@ -21,17 +20,8 @@ def render(report: dict) -> np.ndarray:
 
 
 def report_lines(report: dict) -> str:
-    diag = report.get("diagnostics") or {}
-    out = [f"method: {report.get('method')}", f"parameters: {json.dumps(report.get('params'), default=str)}",
-           f"summary: {json.dumps(report.get('summary'), default=str)}"]
-    for l in diag.get("loras", []):
-        out.append(f"{l['name']}: weight {l['weight']:g}, {l['modules_merged']} modules, ‖ΔW‖ "
-                   f"{l['update_norm']:.4g}, ‖δA‖/‖A‖ mean {l['rel_delta_A_mean']:.3g}, "
-                   f"‖δB‖/‖B‖ mean {l['rel_delta_B_mean']:.3g}")
-    if "mean_abs_cos_before" in diag:
-        out.append(f"mean |cos| before {diag['mean_abs_cos_before']:.4f}, after {diag['mean_abs_cos_after']:.4f}")
-    out.append(f"magnitude variance: {diag.get('magnitude_variance', 0.0):.4g}")
-    return "\n".join(out)
+    from domerge_core.report.text import render_merge
+    return render_merge(report)
 
 
 class DomergeMergeReport:

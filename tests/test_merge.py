@@ -513,3 +513,22 @@ def test_a_linear_and_a_1x1_conv_are_the_same_weight():
     res = merge([lin, conv], "ta", weights=[1.0, 0.7], device="cpu", compute_dtype=torch.float64)
     ref = up1.double() @ down1.double() + 0.7 * 0.5 * up2.double() @ down2.double()
     assert rel(d64(res.lora[key]), ref) < 1e-12
+
+
+def test_cli_inspect_prints_the_pairwise_analysis(tmp_path):
+    """``domerge inspect a b`` prints the analysis the core computed: both cosine matrices, the
+    magnitude variance and one row per LoRA (one renderer, `domerge_core.report.text`)."""
+    import subprocess
+    import sys
+    from domerge_core.formats import save_lora
+    paths = [save_lora(l, str(tmp_path / f"in{i}.safetensors"), format="kohya")
+             for i, l in enumerate(make(T=2, corr=0.5))]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "domerge_core", "inspect", *paths], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    assert "before orthogonalization" in r.stdout and "after orthogonalization" in r.stdout
+    assert "magnitude variance" in r.stdout
+    rows = [l for l in r.stdout.splitlines() if l.strip().startswith("in0.safetensors")
+            or l.strip().startswith("in1.safetensors")]
+    assert len(rows) >= 2, r.stdout

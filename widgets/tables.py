@@ -52,27 +52,14 @@ def summary_line(desc: Dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-_LORA_COLUMNS = (("weight", "strength"), ("modules_merged", "modules"), ("update_norm", "‖ΔW‖"),
-                 ("weighted_update_norm", "‖ΔW‖×|w|"), ("rel_delta_A_mean", "‖δA‖/‖A‖"),
-                 ("rel_delta_B_mean", "‖δB‖/‖B‖"))
-
-
 def report_html(report: Dict[str, Any], names: Sequence[str] = ()) -> str:
-    """The diagnostics of a `MergeResult.report` (domerge_core/report/diagnostics.py): one row per LoRA,
-    then the whole-merge numbers. Per-block and per-module data are left to the plots."""
-    diag = report.get("diagnostics") or {}
-    loras = diag.get("loras") or []
+    """The diagnostics of a `MergeResult.report` as two tables (one row per LoRA; the whole-merge
+    numbers): the rows and labels of the core's text report (`domerge_core.report.text`)."""
+    from domerge_core.report.text import lora_rows, merge_scalars
     out = []
-    if loras:
-        rows = [[names[i] if i < len(names) else d.get("name", f"lora{i}")] + [d.get(k, float("nan")) for k, _ in _LORA_COLUMNS]
-                for i, d in enumerate(loras)]
-        out.append(table(["LoRA"] + [h for _, h in _LORA_COLUMNS], rows))
-    summ = report.get("summary") or {}
-    scalars = [("method", report.get("method"))]
-    scalars += [(k.replace("_", " "), v) for k, v in summ.items()]
-    for k in ("magnitude_variance", "mean_abs_cos_before", "mean_abs_cos_after"):
-        if k in diag:
-            scalars.append((k.replace("_", " "), diag[k]))
-    out.append(table(["merge", "value"], scalars))
+    headers, rows = lora_rows(report.get("diagnostics") or {}, names)
+    if rows:
+        out.append(table(headers, rows))
+    out.append(table(["merge", "value"], merge_scalars(report)))
     return "<div style='display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start'>" + \
         "".join(f"<div>{t}</div>" for t in out) + "</div>"

@@ -164,6 +164,7 @@ def merge_report(loras: Sequence[Lora], weights: Sequence[float], method: str, p
         "summary": {
             "modules": len(records),
             "modules_skipped": len(skipped),
+            "rank_min": min(ranks) if ranks else 0,
             "rank_max": max(ranks) if ranks else 0,
             "rank_mean": (sum(ranks) / len(ranks)) if ranks else 0.0,
             "rel_error_max": max(errs) if errs else 0.0,
