@@ -102,8 +102,10 @@ def test_debouncer_fires_once_after_quiet_period(monkeypatch):
     for _ in range(4):
         d.trigger()
     assert len(timers) == 4 and all(t.wait == 0.05 for t in timers)
-    for t in timers:                      # every timer fires, oldest first: only the newest counts
+    for t in timers[:-1]:                 # the superseded timers fire anyway: nothing runs
         t.fn(*t.args)
+    assert calls == [] and d.pending
+    timers[-1].fn(*timers[-1].args)       # the newest one runs the function, once
     assert calls == [1] and not d.pending
     monkeypatch.undo()
 
