@@ -38,6 +38,8 @@ Grams); one small module is cross-checked against the dense difference.
     python benchmarks/speed/compare.py                         # full plan, ~10 min on 1 CPU thread
     python benchmarks/speed/compare.py --device cuda           # same comparison on a GPU
     python benchmarks/speed/compare.py --case sdxl+te:3:32 --variants ta,svd
+    python benchmarks/speed/compare.py --plan methods            # every aligned method beside ta/do, whole model
+    python benchmarks/speed/compare.py --plan methods --paired   # the same as ratios to ta, loaded machine
 
 Writes JSON and a markdown report (``--json``, ``--md``; default under /tmp/domerge_speed/).
 """
@@ -66,6 +68,10 @@ import torch  # noqa: E402
 
 WORKDIR = os.environ.get("DOMERGE_SPEED_DIR", "/tmp/domerge_speed")
 VARIANTS = ("ta", "do", "svd", "lowrank")
+BASELINES = ("svd", "lowrank")                          # materialising baselines; every other variant is a
+#                                                        registered merge method run through merge()
+ALIGNED = ("knots_ties", "knots_dare_ties", "knots_dare", "core_ties", "core_dare",
+           "core_dare_ties", "tsv", "iso_c", "iso_cts", "cart")   # the aligned low-rank methods (issue 12)
 WEIGHTS = (1.0, 0.7, 0.5, 0.8, 0.6, 0.9, 0.4, 0.75)   # user strengths, first T used
 UP_SCALES = (0.01, 0.03, 0.003)                         # as benchmarks.synthetic.write_set
 
@@ -87,6 +93,8 @@ def plan(name: str) -> List[dict]:
                 case("sdxl", True, 3, 32, allv, "headline")]
     if name == "gpu":
         return [c for c in plan("full") if c["group"] != "size"]
+    if name == "methods":
+        return [case("sdxl", True, 3, 32, ["ta", "do", *ALIGNED], "methods")]
     if name == "full":
         return [case("sd15", True, 3, 32, allv, "headline"),
                 case("sdxl", True, 3, 32, allv, "headline"),
@@ -277,7 +285,7 @@ def warm_up(device: torch.device, variant: str) -> None:
     torch.linalg.qr(x)
     torch.linalg.svd(x, full_matrices=False)
     torch.svd_lowrank(x, q=4, niter=2)
-    if variant in ("ta", "do"):
+    if variant not in BASELINES:
         from domerge_core import merge
         from domerge_core.lora import Lora, LoraModule
 
@@ -341,7 +349,7 @@ def worker(cfg: dict) -> dict:
     sample = sample_strata(mods, cfg["per_shape"])
     res: dict = dict(variant=variant, modules=len(mods), shapes=len(groups), device=str(device),
                      clock="cpu time" if device.type == "cpu" else "wall", loadavg_start=os.getloadavg()[0])
-    whole = variant in ("ta", "do")
+    whole = variant not in BASELINES
     timed_shapes = list(sample)
     cap = cfg.get("svd_max_mn") if variant == "svd" else None
     if cap:
@@ -452,8 +460,8 @@ def worker(cfg: dict) -> dict:
 
     # accuracy against float64, one module per shape (after the RSS reading)
     errs = {}
-    if variant == "do":
-        ref = run_merge(sub_loras(loras, err_names), "do", weights, k, torch.device("cpu"), torch.float64)
+    if variant not in ("ta",) + BASELINES:
+        ref = run_merge(sub_loras(loras, err_names), variant, weights, k, torch.device("cpu"), torch.float64)
         refs = {n: ref.lora.modules[n].scaled_factors(torch.float64) for n in err_names}
     else:
         refs = {n: reference_fp64([l.modules[n] for l in loras], weights, k) for n in err_names}
@@ -464,7 +472,7 @@ def worker(cfg: dict) -> dict:
     res["err_max"] = max(errs.values())
     res["err_median"] = sorted(errs.values())[len(errs) // 2]
     # truncation error of the exact rank-k merge (identical for every exact method)
-    if variant != "do":
+    if variant in ("ta",) + BASELINES:
         tr, full = [], []
         for n in err_names:
             mi = [l.modules[n] for l in loras]
@@ -483,6 +491,41 @@ def worker(cfg: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
+
+
+def paired_worker(cfg: dict) -> dict:
+    """Each variant against ``ta`` in one process, timed alternately (ta, variant, ta, variant, …) on the
+    same stratified sample, min of ``rounds`` per shape, extrapolated to the whole model as
+    Σ_shape count × time per module. On a shared, loaded machine the absolute times drift with the
+    load; the alternation keeps the ratio honest."""
+    torch.set_num_threads(cfg.get("threads", 1))
+    device = torch.device(cfg["device"])
+    clock = Clock(device)
+    T, r, k = cfg["T"], cfg["rank"], cfg["out_rank"]
+    weights = WEIGHTS[:T]
+    mods = module_list_cached(cfg["model"], cfg["te"])
+    groups = strata(mods)
+    sample = sample_strata(mods, cfg["per_shape"])
+    names = [n for ns in sample.values() for n in ns]
+    loras = make_inputs(mods, T, r, names)
+    subs = {shape: sub_loras(loras, ns) for shape, ns in sample.items()}
+    variants = [v for v in cfg["variants"] if v != "ta"]
+    for v in ["ta"] + variants:
+        warm_up(device, v)
+        for sub in subs.values():
+            run_merge(sub, v, weights, k, device)          # first-call costs per shape
+    best = {v: {shape: float("inf") for shape in sample} for v in ["ta"] + variants}
+    for _ in range(cfg.get("rounds", 3)):
+        for v in variants:
+            for name in ("ta", v):
+                for shape, sub in subs.items():
+                    t0 = clock()
+                    run_merge(sub, name, weights, k, device)
+                    best[name][shape] = min(best[name][shape], (clock() - t0) / len(sample[shape]))
+    est = {v: sum(best[v][s] * len(groups[s]) for s in sample) for v in best}
+    return dict(variant="paired", modules=len(mods), shapes=len(groups), sampled=len(names),
+                rounds=cfg.get("rounds", 3), est_s=est, ratio={v: est[v] / est["ta"] for v in est},
+                loadavg_start=os.getloadavg()[0])
 
 
 def run_worker(cfg: dict, timeout: float) -> dict:
@@ -710,15 +753,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the whole comparison runs there)")
     ap.add_argument("--quick", action="store_true", help="SD1.5+TE and SDXL+TE at T=3 r32, ta-only scaling (< 2 min)")
-    ap.add_argument("--plan", choices=["quick", "full", "gpu"], help="default: full (quick with --quick)")
+    ap.add_argument("--plan", choices=["quick", "full", "gpu", "methods"],
+                    help="default: full (quick with --quick); methods: every aligned method beside ta and do on "
+                         "SDXL+TE, T=3, rank 32")
     ap.add_argument("--case", action="append", default=[], help="model[+te]:T:rank[:out_rank] (replaces the plan)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", help=f"comma list: {','.join(VARIANTS)} or any registered method "
+                                       f"(default: the plan's; {','.join(VARIANTS)} for --case)")
     ap.add_argument("--per-shape", type=int, help="baseline modules timed per distinct shape (default 1; gpu plan 3)")
     ap.add_argument("--lowrank-niter", type=int, default=2)
     ap.add_argument("--svd-max-mn", type=float,
                     help="full SVD: time shapes up to this many elements (at least the two smallest), predict larger "
                          "ones from a cost fit (default 2e7 on CPU, no limit on CUDA; 0 = no limit)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--paired", action="store_true",
+                    help="time every variant of the plan against ta alternately in one process on a stratified "
+                         "sample (--per-shape modules of every shape, default 3; min of 3 rounds) and report "
+                         "whole-model estimates and ratios — for a loaded machine")
     ap.add_argument("--timeout", type=float, default=900, help="per worker process, seconds")
     ap.add_argument("--profile", action="store_true", help="cProfile the ta/do merges (printed)")
     ap.add_argument("--json", default=os.path.join(WORKDIR, "results.json"))
@@ -739,7 +789,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     if a.worker:
         try:
-            res = worker(json.loads(a.worker))
+            wcfg = json.loads(a.worker)
+            res = paired_worker(wcfg) if wcfg.get("paired") else worker(wcfg)
         except Exception as e:  # reported in the table, the run goes on
             import traceback
 
@@ -753,12 +804,37 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
     plan_name = a.plan or ("quick" if a.quick else ("gpu" if device.startswith("cuda") else "full"))
-    variants = [v for v in a.variants.split(",") if v]
-    cases = [parse_case(s, variants) for s in a.case] if a.case else plan(plan_name)
-    for c in cases:
-        c["variants"] = [v for v in c["variants"] if v in variants]
+    variants = [v for v in a.variants.split(",") if v] if a.variants else None
+    cases = [parse_case(s, variants or list(VARIANTS)) for s in a.case] if a.case else plan(plan_name)
+    if variants:
+        for c in cases:
+            c["variants"] = [v for v in c["variants"] if v in variants]
     per_shape = a.per_shape or (3 if plan_name == "gpu" else 1)
     svd_max_mn = a.svd_max_mn if a.svd_max_mn is not None else (0 if device.startswith("cuda") else 2e7)
+
+    if a.paired:
+        lines = ["| inputs | method | est. whole-model time (s) | × ta |", "|---|---|---|---|"]
+        for c in cases:
+            cfg = dict(model=c["model"], te=c["te"], T=c["T"], rank=c["rank"], out_rank=c["out_rank"],
+                       variants=c["variants"], device=device, per_shape=a.per_shape or 3, threads=a.threads,
+                       paired=True, variant="paired")
+            res = run_worker(cfg, a.timeout * max(1, len(c["variants"])))
+            if "error" in res:
+                raise SystemExit(f"{case_label(c)}: {res['error']}")
+            for v in ["ta"] + [v for v in c["variants"] if v != "ta"]:
+                lines.append(f"| {case_label(c)} | {v} | {fmt_s(res['est_s'][v])} | {res['ratio'][v]:.2f}× |")
+            lines.append(f"\n{res['sampled']} of {res['modules']} modules ({res['shapes']} shapes) timed, min of "
+                         f"{res['rounds']} alternating rounds, load {res['loadavg_start']:.1f} at the start; "
+                         f"{'CPU time, ' + str(a.threads) + ' thread(s)' if device == 'cpu' else 'wall time'}.")
+            c["paired"] = res
+        md = "\n".join(lines)
+        for path, text in ((a.json, json.dumps(dict(cases=cases), indent=1)), (a.md, md)):
+            if path:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(text)
+        print(md)
+        return
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -776,7 +852,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if "error" in res:
                 print(f"{case_label(c):28s} {v:8s} FAILED: {res['error']}", flush=True)
                 continue
-            print(f"{case_label(c):28s} {v:8s} {res['time_s']:9.3f} s{' (extrap.)' if res['extrapolated'] else '          '}"
+            print(f"{case_label(c):28s} {v:15s} {res['time_s']:9.3f} s{' (extrap.)' if res['extrapolated'] else '          '}"
                   f"  peak RSS {res['rss_peak_mb']:7.0f} MB (+{res['rss_extra_mb']:.0f})"
                   f"  err {res['err_max']:.1e}  [wall {res['wall_s']:.0f} s, load {res['loadavg_start']:.2f}]",
                   flush=True)

@@ -225,3 +225,86 @@ def col_norms(B: Tensor, A: Tensor) -> Tensor:
 def frob_norm(B: Tensor, A: Tensor) -> Tensor:
     """``‖B A‖_F`` from the r×r Grams."""
     return ((mT(B) @ B) * (A @ mT(A))).sum((-1, -2)).clamp_min(0).sqrt()
+
+
+# --------------------------------------------------------------------------------------------
+# aligned merge spaces (KnOTS, Core Space, TSV, Iso): bases and whitening, all on thin factors
+
+def polar(X: Tensor) -> Tensor:
+    """Orthogonal polar factor ``P Qᵀ`` of ``X = P Σ Qᵀ`` (…, d, k), through a reduced QR of X and a
+    small SVD of its triangular factor (``O(d k²)``, never d×d). Columns of X may be zero
+    (they get whatever completion the SVD picks; callers give them zero weight)."""
+    Q, Rx = _qr(X)
+    a, _, bh = _svd(Rx)
+    return Q @ (a @ bh)
+
+
+def left_singular(B: Tensor) -> Tuple[Tensor, Tensor]:
+    """Left singular vectors and values of a tall-or-wide factor B (…, m, R): ``(U (…, m, k), S (…, k))``,
+    k = min(m, R), through QR + a k×R core SVD (the SVD basis, descending S)."""
+    Q, Rb = _qr(B)
+    u, s, _ = _svd(Rb)
+    return Q @ u, s
+
+
+def rank_mask(S: Tensor, rtol: Optional[float] = None) -> Tensor:
+    """Boolean (…, k): singular values above ``rtol·σ_max`` (default ``1000·eps`` of S's dtype)."""
+    if rtol is None:
+        rtol = 1000 * torch.finfo(S.dtype).eps
+    return S > rtol * S[..., :1].clamp_min(torch.finfo(S.dtype).tiny)
+
+
+def sign_canonical(U: Tensor) -> Tensor:
+    """``U · diag(±1)`` with each column's largest-|·| entry positive: a deterministic gauge for
+    singular vectors, so entry-wise merges in an SVD basis (TIES's sign vote with ties) do not depend
+    on the sign the SVD routine happened to return."""
+    return U * canonical_signs(U)
+
+
+def canonical_signs(U: Tensor) -> Tensor:
+    """(…, 1, k): ±1 per column of U making its largest-|·| entry positive (see `sign_canonical`)."""
+    idx = U.abs().argmax(-2, keepdim=True)
+    return torch.where(torch.gather(U, -2, idx) < 0, -1.0, 1.0).to(U.dtype)
+
+
+def svd_form(U: Tensor, core: Tensor, Vh: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``U · core · Vh`` with orthonormal U (…, m, a) and Vh (…, b, n) as its exact SVD in factor form:
+    ``(U u diag(s), vh Vh, s)`` from the a×b core's SVD (descending s)."""
+    u, s, vh = _svd(core)
+    return (U @ u) * s.unsqueeze(-2), vh @ Vh, s
+
+
+def sort_svd_form(U: Tensor, S: Tensor, Vh: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Orthonormal U (…, m, k), S (…, k) ≥ 0 and orthonormal Vh (…, k, n), any order, as the factor form
+    ``(U diag(S), Vh, S)`` sorted by descending S (stable: equal values keep their order)."""
+    S, idx = torch.sort(S, dim=-1, descending=True, stable=True)
+    U = torch.gather(U, -1, idx.unsqueeze(-2).expand(U.shape))
+    Vh = torch.gather(Vh, -2, idx.unsqueeze(-1).expand(Vh.shape))
+    return U * S.unsqueeze(-2), Vh, S
+
+
+def truncate_svd_form(up: Tensor, down: Tensor, S: Tensor, rank: Optional[int] = None,
+                      energy: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`truncate` for factors that already are an SVD (``up`` = orthogonal columns, ``down`` = orthogonal
+    rows, S descending; any positive scale on either side): slice, balance each pair to equal norms,
+    report the exact tail error from S. Same return as `truncate`."""
+    ks = choose_rank(S, rank, energy)
+    kmax = int(ks.max()) if ks.numel() else 1
+    up, down = up[..., :kmax], down[..., :kmax, :]
+    nu, nd = up.norm(dim=-2), down.norm(dim=-1)
+    c = (nu * nd).sqrt()
+    fu = torch.where(nu > 0, c / nu.clamp_min(torch.finfo(up.dtype).tiny), torch.zeros_like(nu))
+    fd = torch.where(nd > 0, c / nd.clamp_min(torch.finfo(up.dtype).tiny), torch.zeros_like(nd))
+    keep = (torch.arange(kmax, device=S.device) < ks.unsqueeze(-1)).to(up.dtype)
+    return up * (fu * keep).unsqueeze(-2), down * (fd * keep).unsqueeze(-1), ks, relative_tail_error(S, ks)
+
+
+def probe_signs(Q: Tensor, Y: Tensor) -> Tensor:
+    """(…, 1, k): ±1 per column of ``Q @ Y`` (Q (…, m, a), Y (…, a, k)) making its inner product with a
+    fixed pseudo-random probe vector positive — a deterministic sign gauge for singular vectors that
+    never forms ``Q @ Y`` (m·a + a·k work; the probe is seeded, drawn in float64, the same on every
+    device)."""
+    m = Q.shape[-2]
+    g = torch.randn(m, generator=torch.Generator().manual_seed(20250515), dtype=torch.float64)
+    gq = g.to(device=Q.device, dtype=Q.dtype) @ Q                     # (…, a)
+    return torch.where((gq.unsqueeze(-2) @ Y) < 0, -1.0, 1.0).to(Q.dtype)

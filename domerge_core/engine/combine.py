@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..algebra.decouple import direction_down, direction_weights, merge_magnitudes, recombine_dense, recombine_lowrank
-from ..algebra.linalg import block_indicator, factorize_dense, truncate
+from ..algebra.linalg import block_indicator, factorize_dense, truncate, truncate_svd_form
 from ..methods.base import DenseUpdate, LowRankUpdate, TaskSet, Update
 from .context import RunContext
 from .plan import ModuleJob
@@ -81,11 +81,12 @@ def finish(upd: Update, alpha_star: Optional[Tensor], ctx: RunContext, fresh: Se
                                                     inplace=owned(upd.down)))
         if lam == 1.0:
             return upd
+        S = None if upd.S is None else upd.S * abs(lam)   # an SVD form stays one under λ ≥ 0
         if owned(upd.down):
-            return LowRankUpdate(upd.up, upd.down.mul_(lam))
+            return LowRankUpdate(upd.up, upd.down.mul_(lam), S)
         if owned(upd.up):
-            return LowRankUpdate(upd.up.mul_(lam), upd.down)
-        return LowRankUpdate(upd.up * lam, upd.down)
+            return LowRankUpdate(upd.up.mul_(lam), upd.down, S)
+        return LowRankUpdate(upd.up * lam, upd.down, S)
     if isinstance(upd, DenseUpdate):
         D = upd.delta
         return DenseUpdate(recombine_dense(D, alpha_star, ctx.params["recombine"], lam)
@@ -101,7 +102,10 @@ def factorize(upd: Update, pre: Prepared, ctx: RunContext) -> Factors:
         if not ctx.truncating:
             return (upd.up, upd.down, torch.full((N,), upd.up.shape[-1], dtype=torch.long),
                     torch.zeros(N, dtype=torch.float64))
-        out = truncate(upd.up, upd.down, ctx.rank, ctx.energy)
+        if upd.S is not None:          # the method returned its exact SVD: truncation is a slice
+            out = truncate_svd_form(upd.up, upd.down, upd.S, ctx.rank, ctx.energy)
+        else:
+            out = truncate(upd.up, upd.down, ctx.rank, ctx.energy)
     else:
         target = ctx.rank if ctx.rank is not None else sum(pre.ranks)
         out = factorize_dense(upd.delta, target, ctx.energy, ctx.seed)

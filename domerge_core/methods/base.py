@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -60,9 +60,15 @@ class MethodContext:
 
 @dataclass
 class LowRankUpdate:
-    """The merged update is ``up @ down`` exactly (N, m, R), (N, R, n)."""
+    """The merged update is ``up @ down`` exactly (N, m, R), (N, R, n).
+
+    ``S`` (optional, (N, R), descending): a method whose factors already are the update's exact SVD —
+    ``up = U·diag(S)`` with orthonormal columns, ``down`` with orthonormal rows — says so by setting
+    it; the door then truncates by slicing (`linalg.truncate_svd_form`) instead of a QR + core SVD.
+    """
     up: Tensor
     down: Tensor
+    S: Optional[Tensor] = None
 
 
 @dataclass

@@ -13,5 +13,6 @@ def dare(tasks: TaskSet, params: dict, ctx: MethodContext) -> DenseUpdate:
 SPEC = register(MethodSpec(
     name="dare", label="DARE",
     description="Drop each entry of each LoRA's update with probability drop_rate (seeded), "
-                "rescale the rest, add. Dense per module.",
+                "rescale the rest, add. Dense and full rank: the written file is a truncation (error "
+                "reported); knots_dare / core_dare are exact low rank.",
     params=(LAM, DROP_RATE, RESCALE), fn=dare))

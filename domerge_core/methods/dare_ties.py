@@ -15,5 +15,6 @@ def dare_ties(tasks: TaskSet, params: dict, ctx: MethodContext) -> DenseUpdate:
 SPEC = register(MethodSpec(
     name="dare_ties", label="DARE-TIES",
     description="DARE's random drop and rescale, then TIES's sign election and disjoint mean. "
-                "Dense per module.",
+                "Dense and full rank: the written file is a truncation (error reported); "
+                "knots_dare_ties / core_dare_ties are exact low rank.",
     params=(LAM, DROP_RATE, RESCALE, SIGN_METHOD), fn=dare_ties))
