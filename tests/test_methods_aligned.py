@@ -423,3 +423,13 @@ def test_numpy_trim_is_magnitude_trim():
     X[0, 0, :3] = 0.5                                    # ties at a threshold
     for d in (0.01, 0.3, 0.5, 0.99, 1.0):
         assert torch.equal(trim(X, d), magnitude_trim(X, d))
+
+
+def test_one_pass_ties_mean_is_elect_sign_and_disjoint_mean():
+    from domerge_core.methods.base import disjoint_mean, elect_sign
+    from domerge_core.methods.spaces import ties_mean, trim
+    g = torch.Generator().manual_seed(4)
+    X = trim(torch.randn(4, 3, 7, 9, generator=g, dtype=torch.float64), 0.5)
+    X[:, 0, 0, 0] = torch.tensor([1.0, -1.0, 0.0, 0.0])          # a vote tie and zeros
+    for m in ("total", "frequency"):
+        assert torch.equal(ties_mean(X, m), disjoint_mean(X, elect_sign(X, m)))

@@ -13,7 +13,7 @@ from typing import List, Tuple
 import torch
 
 from ..algebra.linalg import _qr, _svd, mT, probe_signs
-from .base import MethodContext, TaskSet, disjoint_mean, elect_sign, module_seed
+from .base import MethodContext, TaskSet, module_seed
 
 Tensor = torch.Tensor
 
@@ -108,7 +108,17 @@ def trim(x: Tensor, density: float) -> Tensor:
         thr = torch.from_numpy(np.partition(a.numpy(), numel - k, axis=-1)[..., numel - k:numel - k + 1])
     else:
         thr = a.kthvalue(numel - k + 1, dim=-1, keepdim=True).values
-    return (flat * (a >= thr)).reshape(x.shape)
+    return flat.masked_fill(a < thr, 0).reshape(x.shape)
+
+
+def ties_mean(X: Tensor, sign_method: str) -> Tensor:
+    """`base.elect_sign` + `base.disjoint_mean` in one pass (same values): elect the sign of each
+    entry over the tasks (dim 0), average the entries that carry it (zeros do not count)."""
+    s = X.sum(0) if sign_method == "total" else X.sign().sum(0) if sign_method == "frequency" else None
+    if s is None:
+        raise ValueError(f"unknown sign_method {sign_method!r} (use total or frequency)")
+    agree = (X * torch.where(s >= 0, 1.0, -1.0).to(X.dtype)) > 0
+    return torch.where(agree, X, 0).sum(0) / agree.sum(0).clamp_min(1).to(X.dtype)
 
 
 def combine(X: Tensor, how: str, params: dict, tasks: TaskSet, ctx: MethodContext, salt: str) -> Tensor:
@@ -127,10 +137,10 @@ def combine(X: Tensor, how: str, params: dict, tasks: TaskSet, ctx: MethodContex
                 X = X / (1.0 - p)
         if how == "dare":
             return X.sum(0)
-        return disjoint_mean(X, elect_sign(X, params["sign_method"]))
+        return ties_mean(X, params["sign_method"])
     X = trim(X, params.get("density", 1.0))
     if how == "ta":
         return X.sum(0)
     if how == "ties":
-        return disjoint_mean(X, elect_sign(X, params["sign_method"]))
+        return ties_mean(X, params["sign_method"])
     raise ValueError(f"unknown combination {how!r}")
