@@ -53,14 +53,14 @@ def iso_cts(tasks: TaskSet, params: dict, ctx: MethodContext) -> LowRankUpdate:
     """Iso-CTS, Alg. 2: common top-k of the sum + each task's top-s of its projection off it,
     both bases whitened, isotropic spectrum — in the span coordinates of `spaces.span_cores`
     (``ΔW_i = Q_B K_i Q_Aᵀ``; projections and polar factors commute with Q_B, Q_A)."""
-    Qb, Qa, K = span_cores(tasks)
-    U, S, Vh = _svd(K.sum(0))
+    Qb, Qa, blocks = span_cores(tasks)
+    U, S, Vh = _svd(sum(C @ mT(D) for C, D in blocks))
     T = len(tasks.ranks)
     k, s = cts_sizes(S.shape[-1], T, params["common_fraction"])
     Uc = U[..., :k]
     us, ss, vs = [], [], []
-    for Ki in K:
-        Ut, St, Vt = _svd(Ki - Uc @ (mT(Uc) @ Ki))
+    for C, D in blocks:
+        Ut, St, Vt = exact_svd(C - Uc @ (mT(Uc) @ C), mT(D))   # (I − U_c U_cᵀ) K_i, rank ≤ r_i
         j = min(s, St.shape[-1])
         live = rank_mask(St)[..., :j].to(St.dtype) if j else St[..., :0]
         pad = s - j

@@ -12,21 +12,21 @@ from typing import List, Tuple
 
 import torch
 
-from ..algebra.linalg import _qr, _svd, mT, probe_signs
+from ..algebra.linalg import _qr, _svd, exact_svd, mT, probe_signs
 from .base import MethodContext, TaskSet, module_seed
 
 Tensor = torch.Tensor
 
 
-def span_cores(tasks: TaskSet) -> Tuple[Tensor, Tensor, Tensor]:
+def span_cores(tasks: TaskSet) -> Tuple[Tensor, Tensor, List[Tuple[Tensor, Tensor]]]:
     """The stacked factors' spans and every task in their coordinates: ``B = Q_B R_B``,
-    ``Aᵀ = Q_A R_A`` (one QR each, as ``ta``'s truncation does), and ``ΔW_i = Q_B K_i Q_Aᵀ`` with the
-    small cores ``K_i = R_B[:, i] R_A[:, i]ᵀ`` (T, N, kb, ka), kb = min(m, R), ka = min(n, R). Every
-    aligned method works on the K_i and maps back once."""
+    ``Aᵀ = Q_A R_A`` (one QR each, as ``ta``'s truncation does), and ``ΔW_i = Q_B C_i D_iᵀ Q_Aᵀ`` with
+    ``C_i = R_B[:, i]`` (N, kb, r_i), ``D_i = R_A[:, i]`` (N, ka, r_i), kb = min(m, R), ka = min(n, R).
+    A task's core ``K_i = C_i D_iᵀ`` has rank ≤ r_i, so its SVD is ``exact_svd(C_i, D_iᵀ)`` (r×r core).
+    Every aligned method works on these and maps back once."""
     Qb, Rb = _qr(tasks.up)
     Qa, Ra = _qr(mT(tasks.down))
-    K = torch.stack([Rb[..., o:o + r] @ mT(Ra[..., o:o + r]) for o, r in zip(tasks.offsets, tasks.ranks)], 0)
-    return Qb, Qa, K
+    return Qb, Qa, [(Rb[..., o:o + r], Ra[..., o:o + r]) for o, r in zip(tasks.offsets, tasks.ranks)]
 
 
 def knots_space(tasks: TaskSet) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -38,9 +38,7 @@ def knots_space(tasks: TaskSet) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     ``U = Q_B U_c`` with U_c the left singular vectors of the kb × T·ka matrix ``[K_1 … K_T]``.
     Returns (Q_B, U_c (N, kb, k), Q_A, coefficients (T, N, k, n)), U's signs fixed by `probe_signs`.
     """
-    Qb, Rb = _qr(tasks.up)
-    Qa, Ra = _qr(mT(tasks.down))
-    blocks = [(Rb[..., o:o + r], Ra[..., o:o + r]) for o, r in zip(tasks.offsets, tasks.ranks)]
+    Qb, Qa, blocks = span_cores(tasks)
     Uc, _, _ = _svd(torch.cat([c @ mT(d) for c, d in blocks], -1))
     Uc = Uc * probe_signs(Qb, Uc)
     # Uᵀ ΔW_i = (U_cᵀ R_B[:, i]) A_i: a k×r_i times r_i×n product per task
@@ -59,10 +57,10 @@ def core_space(tasks: TaskSet) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     coordinates of `span_cores`: ``U_B = Q_B U_b``, ``V_A = Q_A V_a``.
     Returns (Q_B, U_b, Q_A, V_a, cores (T, N, kb', ka')).
     """
-    Qb, Qa, K = span_cores(tasks)
+    Qb, Qa, blocks = span_cores(tasks)
     bs, as_ = [], []
-    for Ki, r in zip(K, tasks.ranks):
-        u, s, vh = _svd(Ki)                                    # balanced form of task i, in coordinates
+    for (C, D), r in zip(blocks, tasks.ranks):
+        u, s, vh = exact_svd(C, mT(D))                         # balanced form of task i, in coordinates
         j = min(r, s.shape[-1])
         rs = s[..., :j].clamp_min(0).sqrt()
         b, a = u[..., :j] * rs.unsqueeze(-2), rs.unsqueeze(-1) * vh[..., :j, :]
@@ -75,7 +73,7 @@ def core_space(tasks: TaskSet) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     Ub = Ub * probe_signs(Qb, Ub)
     Va = mT(Vah)
     Va = Va * probe_signs(Qa, Va)
-    cores = (mT(Ub).unsqueeze(0) @ K) @ Va.unsqueeze(0)
+    cores = torch.stack([(mT(Ub) @ C) @ (mT(D) @ Va) for C, D in blocks], 0)
     return Qb, Ub, Qa, Va, cores
 
 

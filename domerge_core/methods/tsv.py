@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..algebra.linalg import _svd, mT, polar, rank_mask, sort_svd_form
+from ..algebra.linalg import exact_svd, mT, polar, rank_mask, sort_svd_form
 from .spaces import span_cores
 from .base import LowRankUpdate, MethodContext, TaskSet
 from .common import LAM
@@ -28,10 +28,10 @@ def tsv(tasks: TaskSet, params: dict, ctx: MethodContext) -> LowRankUpdate:
     `spaces.span_cores` (``U_i = Q_B u_i`` and ``polar(Q_B Y) = Q_B polar(Y)``)."""
     m, n = tasks.up.shape[-2], tasks.down.shape[-1]
     k_max = max(1, min(m, n) // len(tasks.ranks))
-    Qb, Qa, K = span_cores(tasks)
+    Qb, Qa, blocks = span_cores(tasks)
     us, ss, vs = [], [], []
-    for Ki, r in zip(K, tasks.ranks):
-        u, s, vh = _svd(Ki)
+    for (C, D), r in zip(blocks, tasks.ranks):
+        u, s, vh = exact_svd(C, mT(D))
         k = min(k_max, r, s.shape[-1])
         live = rank_mask(s[..., :k]).to(s.dtype)           # null directions: zero weight, zero vector
         us.append(u[..., :k] * live.unsqueeze(-2))
