@@ -239,32 +239,11 @@ def polar(X: Tensor) -> Tensor:
     return Q @ (a @ bh)
 
 
-def left_singular(B: Tensor) -> Tuple[Tensor, Tensor]:
-    """Left singular vectors and values of a tall-or-wide factor B (…, m, R): ``(U (…, m, k), S (…, k))``,
-    k = min(m, R), through QR + a k×R core SVD (the SVD basis, descending S)."""
-    Q, Rb = _qr(B)
-    u, s, _ = _svd(Rb)
-    return Q @ u, s
-
-
 def rank_mask(S: Tensor, rtol: Optional[float] = None) -> Tensor:
     """Boolean (…, k): singular values above ``rtol·σ_max`` (default ``1000·eps`` of S's dtype)."""
     if rtol is None:
         rtol = 1000 * torch.finfo(S.dtype).eps
     return S > rtol * S[..., :1].clamp_min(torch.finfo(S.dtype).tiny)
-
-
-def sign_canonical(U: Tensor) -> Tensor:
-    """``U · diag(±1)`` with each column's largest-|·| entry positive: a deterministic gauge for
-    singular vectors, so entry-wise merges in an SVD basis (TIES's sign vote with ties) do not depend
-    on the sign the SVD routine happened to return."""
-    return U * canonical_signs(U)
-
-
-def canonical_signs(U: Tensor) -> Tensor:
-    """(…, 1, k): ±1 per column of U making its largest-|·| entry positive (see `sign_canonical`)."""
-    idx = U.abs().argmax(-2, keepdim=True)
-    return torch.where(torch.gather(U, -2, idx) < 0, -1.0, 1.0).to(U.dtype)
 
 
 def svd_form(U: Tensor, core: Tensor, Vh: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
