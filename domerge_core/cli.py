@@ -240,10 +240,11 @@ def cmd_methods(args) -> int:
     import domerge_core as dc
 
     shared = None
+    width = max(len(spec.name) for spec in dc.list_methods()) + 1
     for spec in dc.list_methods():
-        print(f"{spec.name:<10s} {spec.label}" + ("  [exact low rank]" if spec.lowrank else ""))
+        print(f"{spec.name:<{width}s} {spec.label}" + ("  [exact low rank]" if spec.lowrank else ""))
         if spec.description:
-            print(f"           {spec.description}")
+            print(" " * (width + 1) + spec.description)
         own = {p.name for p in spec.params}
         for p in spec.params:
             _print_param(p)
