@@ -36,7 +36,8 @@ def _err(msg: str) -> None:
     if _open_bar_line:
         sys.stderr.write("\n")
         _open_bar_line = False
-    print(f"error: {msg}", file=sys.stderr)
+    from .errors import escape_controls
+    print(f"error: {escape_controls(msg)}", file=sys.stderr)
 
 
 class ProgressBar:
@@ -93,12 +94,13 @@ def cmd_inspect(args) -> int:
             out["analysis"] = analysis
         print(json.dumps(out, indent=2, default=str))
         return 0
+    from .errors import escape_controls
     for d in descs:
         print(format_description(d))
     if analysis is not None:
         from .report.text import render_analysis
         print()
-        print(render_analysis(analysis, [os.path.basename(p) for p in args.files]))
+        print(escape_controls(render_analysis(analysis, [os.path.basename(p) for p in args.files])))
     return 0
 
 
@@ -110,7 +112,8 @@ def cmd_convert(args) -> int:
     lora = dc.load_lora(args.input)
     path = dc.save_lora(lora, args.output, format=args.format or dc.default_format(lora),
                         dtype=_torch_dtype(args.dtype), overwrite=args.overwrite)
-    print(f"wrote {path} ({len(lora)} modules, {args.format or dc.default_format(lora)})")
+    from .errors import escape_controls
+    print(f"wrote {escape_controls(path)} ({len(lora)} modules, {args.format or dc.default_format(lora)})")
     return 0
 
 
@@ -178,13 +181,11 @@ def cmd_merge(args) -> int:
             return _usage_error(f"{_flag(name)} does not apply to method {args.method!r}")
         params[name] = v
     weights = _parse_weights(args.weights, len(args.inputs))
-    out_abs = os.path.abspath(args.output)
-    for p in args.inputs:
-        if os.path.abspath(p) == out_abs or (os.path.exists(p) and os.path.exists(out_abs)
-                                             and os.path.samefile(p, out_abs)):
-            return _usage_error(f"{args.output}: the output is one of the inputs; choose another name")
-    if os.path.exists(out_abs) and not args.overwrite:
-        return _usage_error(f"{args.output}: exists; pass --overwrite to replace it")
+    from .formats.safetensors import check_outputs
+    # every path this command writes, checked before anything is read or written: never an input
+    # (nor a file read beside one), never each other, never a FIFO/device/dangling link
+    check_outputs([args.output] + ([args.report] if args.report else []), overwrite=args.overwrite,
+                  inputs=args.inputs)
 
     bar = ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
     t0 = time.perf_counter()
@@ -197,23 +198,30 @@ def cmd_merge(args) -> int:
     path = result.save(args.output, format=args.format, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite)
     elapsed = time.perf_counter() - t0
     if args.report:
-        _write_json_atomic(args.report, result.report, overwrite=args.overwrite)
+        from .errors import DomergeError
+        try:
+            _write_json_atomic(args.report, result.report, overwrite=args.overwrite,
+                               inputs=[*args.inputs, path])
+        except DomergeError as e:   # the merged file is there: say so, not "nothing was written"
+            msg = str(e).replace("; nothing was written", "")
+            raise DomergeError(f"{msg}; the merged LoRA was written to {path}, the report was not") from None
     if not args.quiet:
         _print_merge_summary(result, path, elapsed)
     return 0
 
 
-def _write_json_atomic(path: str, data: Any, overwrite: bool) -> None:
+def _write_json_atomic(path: str, data: Any, overwrite: bool, inputs: Sequence[str] = ()) -> None:
     from .formats.safetensors import atomic_write
 
     payload = json.dumps(data, indent=2, default=str).encode()
-    atomic_write(path, lambda f: f.write(payload), overwrite=overwrite)
+    atomic_write(path, lambda f: f.write(payload), overwrite=overwrite, inputs=inputs)
 
 
 def _print_merge_summary(result, path: str, elapsed: float) -> None:
+    from .errors import escape_controls
     from .report.text import render_merge
-    print(f"merged {len(result.inputs)} LoRAs with {result.method} -> {path} in {elapsed:.2f} s")
-    print(render_merge(result.report or {}))
+    print(f"merged {len(result.inputs)} LoRAs with {result.method} -> {escape_controls(path)} in {elapsed:.2f} s")
+    print(escape_controls(render_merge(result.report or {})))
 
 
 # ----------------------------------------------------------------------------- demo / methods
@@ -331,8 +339,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         ap = build_parser(method_params="merge" in argv)
         args = ap.parse_args(argv)
-        if getattr(args, "rank", None) is not None and args.rank < 1:
-            return _usage_error("--rank must be at least 1")
+        if getattr(args, "rank", None) is not None and not 1 <= args.rank < 1 << 31:
+            return _usage_error("--rank must be between 1 and 2^31-1")
+        if getattr(args, "seed", None) is not None and not 0 <= args.seed < 1 << 63:
+            return _usage_error("--seed must be between 0 and 2^63-1")
         if getattr(args, "energy", None) is not None and not (0.0 < args.energy <= 1.0):
             return _usage_error("--energy must be in (0, 1]")
         if getattr(args, "device", None) not in (None, "auto"):

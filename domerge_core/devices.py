@@ -5,6 +5,9 @@ The merge code is the same torch code on every device; this only turns the user'
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 from typing import Union
 
 import torch
@@ -50,3 +53,26 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
 def supports_float64(device: torch.device) -> bool:
     """MPS has no float64."""
     return device.type != "mps"
+
+
+_THREADS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def fixed_cpu_threads(device):
+    """Run a block of CPU linear algebra on one intra-op thread: LAPACK's SVD/QR round differently
+    with 1 and N threads (up to ~1e-4 on a merged factor), and the README promises the same bytes
+    for the same inputs whatever the machine's thread count. No-op off the CPU."""
+    if getattr(device, "type", str(device)) != "cpu":
+        yield
+        return
+    import torch
+    with _THREADS_LOCK:
+        n = torch.get_num_threads()
+        if n != 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if n != 1:
+                torch.set_num_threads(n)

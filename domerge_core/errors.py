@@ -5,6 +5,22 @@ widgets show it in the panel. Each error carries the file and, where known, the 
 """
 from __future__ import annotations
 
+import re
+
+# C0 controls, DEL, C1 controls and the Unicode line/paragraph separators: a file or tensor name
+# carrying them could forge a second "error:" line or drive the terminal (ANSI escapes).
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``, ``\\u2028``):
+    what names from a file look like on a terminal or in a one-line error."""
+    def sub(m):
+        c = m.group(0)
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or (
+            f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+    return _CONTROLS.sub(sub, str(text))
+
 
 class DomergeError(Exception):
     """Base of every error the core raises on purpose."""
@@ -19,7 +35,7 @@ class DomergeError(Exception):
         msg = self.message
         if self.key and self.key not in msg:
             msg = f"{msg} (key {self.key!r})"
-        return f"{self.file}: {msg}" if self.file else msg
+        return escape_controls(f"{self.file}: {msg}" if self.file else msg)
 
 
 class LoraFormatError(DomergeError):

@@ -98,6 +98,8 @@ class Lora:
     dtype: torch.dtype = torch.float32     # dominant dtype of the stored factors
     base_model: Optional[str] = None       # guess: "sd1", "sd2", "sdxl", "flux", "sd3", "llm", ... or None
     layout: Dict[str, str] = field(default_factory=dict)   # writer hints (e.g. {"unet_names": "sgm"})
+    # sha256 of the very bytes the factors are read from (files: formats.safetensors.LazyFile)
+    content_sha256: Optional[Callable[[], str]] = field(default=None, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[LoraModule]:
         return iter(self.modules.values())

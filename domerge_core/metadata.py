@@ -62,7 +62,9 @@ def input_record(lora: Lora, weight: float) -> Dict[str, Any]:
 
     src = lora.source
     sha = None
-    if src and os.path.isfile(src):
+    if lora.content_sha256 is not None:      # the bytes actually merged (checked unchanged while read)
+        sha = lora.content_sha256()
+    elif src and os.path.isfile(src):
         sha = sha256_cached(src)
     return {"file": os.path.basename(src) if src else None, "sha256": sha, "weight": float(weight),
             "format": lora.format}

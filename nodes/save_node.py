@@ -20,6 +20,10 @@ def check_prefix(prefix: str) -> str:
     empty names are refused. Returns it normalised to '/' separators."""
     if not isinstance(prefix, str) or not prefix.strip():
         raise glue.NodeInputError("filename_prefix is empty")
+    from domerge_core.errors import escape_controls
+    if escape_controls(prefix) != prefix:      # newlines, ANSI escapes, NUL, bidi overrides...
+        raise glue.NodeInputError(f"filename_prefix {escape_controls(prefix)!r} contains control characters; "
+                                  f"use plain letters, digits, '_', '-' and '/'")
     p = prefix.strip().replace("\\", "/")
     if p.startswith("/") or os.path.isabs(prefix) or re.match(r"^[A-Za-z]:", p):
         raise glue.NodeInputError(f"filename_prefix {prefix!r} is absolute: give a name inside the loras folder")

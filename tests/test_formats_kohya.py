@@ -118,8 +118,9 @@ def test_kohya_lora_is_lazy(lora_files, monkeypatch):
     """Loading reads the header and alphas only; factor tensors are read when asked for."""
     from domerge_core.formats import safetensors as dio
     calls = []
-    orig = dio.LazyFile.get
-    monkeypatch.setattr(dio.LazyFile, "get", lambda self, k: (calls.append(k), orig(self, k))[1])
+    orig, orig_raw = dio.LazyFile._raw, dio.LazyFile.raw
+    monkeypatch.setattr(dio.LazyFile, "_raw", lambda self, k, t: (calls.append(k), orig(self, k, t))[1])
+    monkeypatch.setattr(dio.LazyFile, "raw", lambda self, k: orig_raw(self, k))
     lora = load_lora(lora_files["sd1_kohya"])
     assert calls and all(k.endswith(".alpha") for k in calls)
     calls.clear()

@@ -11,6 +11,7 @@ import torch
 
 from ..algebra.decouple import direction_down, direction_weights, merge_magnitudes, recombine_dense, recombine_lowrank
 from ..algebra.linalg import block_indicator, factorize_dense, truncate, truncate_svd_form
+from ..devices import fixed_cpu_threads
 from ..methods.base import DenseUpdate, LowRankUpdate, TaskSet, Update
 from .context import RunContext
 from .plan import ModuleJob
@@ -108,7 +109,8 @@ def factorize(upd: Update, pre: Prepared, ctx: RunContext) -> Factors:
             out = truncate(upd.up, upd.down, ctx.rank, ctx.energy)
     else:
         target = ctx.rank if ctx.rank is not None else sum(pre.ranks)
-        out = factorize_dense(upd.delta, target, ctx.energy, ctx.seed)
+        with fixed_cpu_threads(upd.delta.device):    # the same bytes for any thread count (README)
+            out = factorize_dense(upd.delta, target, ctx.energy, ctx.seed)
     ctx.tick("truncate", N)
     return out
 

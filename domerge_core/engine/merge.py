@@ -12,6 +12,7 @@ The low-rank path (``ta``, ``do``, any method with ``lowrank=True``) never build
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -35,11 +36,11 @@ def check_output_options(rank, energy, compute_dtype, device):
     """(rank, energy) validated; the compute dtype checked against the device."""
     if rank is not None:
         try:
-            ok = not isinstance(rank, bool) and float(rank) == int(rank) and int(rank) >= 1
+            ok = not isinstance(rank, bool) and float(rank) == int(rank) and 1 <= int(rank) < 1 << 31
         except (TypeError, ValueError, OverflowError):
             ok = False
         if not ok:
-            raise InvalidParameterError(f"rank must be a positive integer, not {rank!r}")
+            raise InvalidParameterError(f"rank must be a positive integer below 2^31, not {str(rank)[:40]!r}")
         rank = int(rank)
     if energy is not None:
         try:
@@ -78,6 +79,8 @@ def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[
     from ..methods import get_method
     spec = get_method(method)
     p = spec.resolve(params)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 1 << 63:
+        raise InvalidParameterError(f"seed must be an integer in [0, 2^63), not {str(seed)[:40]!r}")
     loras = load_inputs(inputs)
     check_compatible(loras)
     w = check_weights(weights, len(loras))

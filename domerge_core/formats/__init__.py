@@ -40,7 +40,7 @@ def _uses_ab(keys: Iterable[str]) -> bool:
 
 def load_lora(path: PathLike, *, adapter_config: Union[None, PathLike, Mapping[str, Any]] = None) -> Lora:
     """Read a LoRA file lazily. Errors (:class:`LoraFormatError` and subclasses) name the file and key."""
-    from .safetensors import LazyFile, read_header
+    from .safetensors import LazyFile, read_header, read_scalar
     from .reader import TensorSource, build_lora
 
     path = os.fspath(path)
@@ -52,15 +52,18 @@ def load_lora(path: PathLike, *, adapter_config: Union[None, PathLike, Mapping[s
                                   f"give one of them", file=path)
         path = found[0]
     header = read_header(path)
-    lazy = LazyFile(path)
+    lazy = LazyFile(path, header)
     src = TensorSource(path, {k: t.shape for k, t in header.tensors.items()},
-                       {k: t.dtype for k, t in header.tensors.items()}, lazy.get)
+                       {k: t.dtype for k, t in header.tensors.items()}, lazy.get,
+                       scalar=lambda k: read_scalar(header, k, lazy.raw(k)))
     cfg = read_adapter_config(adapter_config)
     if cfg is None and _uses_ab(header.tensors) and "lora_adapter_metadata" not in header.metadata:
         beside = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
-        if os.path.isfile(beside):
+        if os.path.lexists(beside):
             cfg = read_adapter_config(beside)
-    return build_lora(src, header.metadata, adapter_config=cfg)
+    lora = build_lora(src, header.metadata, adapter_config=cfg)
+    lora.content_sha256 = lazy.sha256
+    return lora
 
 
 def load_state_dict(sd: Mapping[str, torch.Tensor], *, source: str = "<state dict>",

@@ -45,7 +45,7 @@ def _plan_of_file(path: str):
     cfg = None
     if any(".lora_A" in k or ".lora_B" in k for k in h.tensors) and "lora_adapter_metadata" not in h.metadata:
         beside = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
-        if os.path.isfile(beside):
+        if os.path.lexists(beside):
             cfg = read_adapter_config(beside)
     p = plan_modules(src, h.metadata, adapter_config=cfg)
     mods = [SimpleNamespace(key=m.key, kind=m.kind, rank=m.rank, scale=m.scale, kernel_size=m.kernel_size,
@@ -108,4 +108,5 @@ def format_description(d: Dict[str, Any]) -> str:
         f"  dtype       {d['dtype']}",
         f"  parameters  {d['parameters']:,}",
     ]
-    return "\n".join(lines)
+    from ..errors import escape_controls
+    return "\n".join(escape_controls(l) for l in lines)

@@ -38,27 +38,236 @@ class TensorSource:
 # ----------------------------------------------------------------------------------------------
 # PEFT configs: lora_adapter_metadata (diffusers) / adapter_config.json (PEFT)
 # ----------------------------------------------------------------------------------------------
-class PeftScale:
-    """Scale rule of a LoraConfig: ``lora_alpha / r`` (rsLoRA: ``/ √r``) with per-module patterns."""
+class _Pattern:
+    """A PEFT ``rank_pattern``/``alpha_pattern`` key, matched as PEFT does (``re.match(r"(.*\\.)?(KEY)$",
+    path)``) but without a backtracking regex engine: keys come from the file, and a key such as
+    ``(a*)*b`` would hang ``re`` for minutes. Supported: literal text, ``.``, ``\\.``-style escapes,
+    ``\\d \\w \\s``, ``[...]`` classes, ``.*``/``X*``/``X+``/``X?`` on one character, top-level ``|`` and
+    a trailing ``$``; each alternative is matched by a linear-time wildcard scan. Anything else
+    (groups, counted repeats, back-references, look-arounds) is refused with an error naming the key."""
 
-    def __init__(self, cfg: Mapping[str, Any]):
-        self.alpha = cfg.get("lora_alpha")
-        self.r = cfg.get("r")
-        self.rslora = bool(cfg.get("use_rslora", False))
-        self.rank_pattern = dict(cfg.get("rank_pattern") or {})
-        self.alpha_pattern = dict(cfg.get("alpha_pattern") or {})
-        if cfg.get("use_dora"):
-            raise UnsupportedFormatError("format found: DoRA (use_dora in the adapter config)")
+    MAX_LEN = 1024
+
+    def __init__(self, text: str):
+        if not isinstance(text, str) or not text or len(text) > self.MAX_LEN:
+            raise ValueError("must be a non-empty string of at most 1024 characters")
+        self.alts = [self._parse(a) for a in self._split(text)]
+        # no quantifier: Python's re is linear here (fixed-length alternatives after "(.*\.)?")
+        fixed = all(q == "" for alt in self.alts for _, q in alt)
+        self.rx = re.compile(rf"(.*\.)?({text})$") if fixed else None
+        self.compiled = [self._compile(a) for a in self.alts]
 
     @staticmethod
-    def _match(patterns: Mapping[str, Any], path: str):
-        for p, v in patterns.items():
+    def _split(text: str) -> List[str]:
+        out, cur, i, cls = [], "", 0, False
+        while i < len(text):
+            c = text[i]
+            if c == "\\" and i + 1 < len(text):
+                cur += text[i:i + 2]
+                i += 2
+                continue
+            if c == "[":
+                cls = True
+            elif c == "]":
+                cls = False
+            if c == "|" and not cls:
+                out.append(cur)
+                cur = ""
+            else:
+                cur += c
+            i += 1
+        out.append(cur)
+        return out
+
+    _ESC = {"d": set("0123456789"), "w": set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"),
+            "s": set(" \t\n\r\f\v")}
+
+    def _parse(self, text: str):
+        atoms: List[Tuple[Any, str]] = []       # (predicate, quantifier "" | "*" | "+" | "?")
+        i = 0
+        if text.endswith("$") and not text.endswith("\\$"):
+            text = text[:-1]
+        if text.startswith("^"):
+            text = text[1:]
+        while i < len(text):
+            c = text[i]
+            if c == "\\":
+                if i + 1 >= len(text):
+                    raise ValueError("ends with a backslash")
+                e = text[i + 1]
+                if e in self._ESC:
+                    atom = ("in", frozenset(self._ESC[e]))
+                elif e.isalnum():
+                    raise ValueError(f"uses the escape \\{e}, which domerge does not evaluate")
+                else:
+                    atom = ("lit", e)
+                i += 2
+            elif c == "[":
+                j = i + 1
+                neg = j < len(text) and text[j] == "^"
+                j += neg
+                chars = set()
+                start = j
+                while j < len(text) and (text[j] != "]" or j == start):
+                    if text[j] == "\\" and j + 1 < len(text):
+                        e = text[j + 1]
+                        chars |= self._ESC.get(e, {e})
+                        j += 2
+                    elif j + 2 < len(text) and text[j + 1] == "-" and text[j + 2] != "]":
+                        lo, hi = ord(text[j]), ord(text[j + 2])
+                        if hi < lo or hi - lo > 0x3000:
+                            raise ValueError("has an invalid character range")
+                        chars |= {chr(x) for x in range(lo, hi + 1)}
+                        j += 3
+                    else:
+                        chars.add(text[j])
+                        j += 1
+                if j >= len(text):
+                    raise ValueError("has an unclosed [")
+                atom = ("out" if neg else "in", frozenset(chars))
+                i = j + 1
+            elif c == ".":
+                atom = ("any", "")
+                i += 1
+            elif c in "()*+?{}^$":
+                raise ValueError(f"uses {c!r} where domerge evaluates only names, '.', '[...]', '|' and "
+                                 f"'*', '+', '?' after one character")
+            else:
+                atom = ("lit", c)
+                i += 1
+            q = ""
+            if i < len(text) and text[i] in "*+?":
+                q = text[i]
+                i += 1
+                if i < len(text) and text[i] in "*+?{":
+                    raise ValueError("has a repeated quantifier")
+            atoms.append((atom, q))
+        return atoms
+
+    @staticmethod
+    def _one(atom, ch: str) -> bool:
+        kind, arg = atom
+        if kind == "any":
+            return ch != "\n"
+        if kind == "lit":
+            return ch == arg
+        if kind == "in":
+            return ch in arg
+        return ch not in arg
+
+    def _compile(self, atoms):
+        """Shift-And bit masks of one alternative: bit k = "atom k is next"."""
+        loop = sum(1 << k for k, (_, q) in enumerate(atoms) if q in ("*", "+"))
+        opt = sum(1 << k for k, (_, q) in enumerate(atoms) if q in ("*", "?"))
+        return atoms, loop, opt, {}
+
+    @staticmethod
+    def _close(x: int, opt: int) -> int:
+        while True:
+            add = ((x & opt) << 1) & ~x
+            if not add:
+                return x
+            x |= add
+
+    def _run(self, compiled, path: str) -> bool:
+        """PEFT's ``(.*[.])?(KEY)$``: the key may start at 0 or after any "."; linear in the path."""
+        atoms, loop, opt, cache = compiled
+        n = len(atoms)
+        start = self._close(1, opt)
+        cur = start
+        for ch in path:
+            acc = cache.get(ch)
+            if acc is None:
+                acc = cache[ch] = sum(1 << k for k, (a, _) in enumerate(atoms) if self._one(a, ch))
+            hit = cur & acc
+            cur = self._close((hit << 1) | (hit & loop), opt)
+            if ch == ".":
+                cur |= start
+        return bool(cur >> n & 1)
+
+    def match(self, path: str) -> bool:
+        if self.rx is not None:
+            return self.rx.match(path) is not None
+        return any(self._run(c, path) for c in self.compiled)
+
+
+def _number(v, what: str, label: str, *, positive: bool = True) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
+            or (positive and float(v) <= 0) or abs(float(v)) > 1e12:
+        raise LoraFormatError(f"adapter config: {what} must be a positive finite number, not "
+                              f"{_show(v)}", file=label, key=what)
+    return float(v)
+
+
+def _show(v) -> str:
+    from ..errors import escape_controls
+    s = json.dumps(v) if not isinstance(v, str) else repr(v)
+    s = escape_controls(s)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+class PeftScale:
+    """Scale rule of a LoraConfig: ``lora_alpha / r`` (rsLoRA: ``/ √r``) with per-module patterns.
+    Every field is type-checked: a wrong JSON type is a one-line error naming the config and key."""
+
+    def __init__(self, cfg: Mapping[str, Any], label: str = "adapter config"):
+        self.label = label
+        a = cfg.get("lora_alpha")
+        self.alpha = None if a is None else _number(a, "lora_alpha", label)
+        r = cfg.get("r")
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or not 0 < r < 1 << 31):
+            raise LoraFormatError(f"adapter config: r must be a positive integer, not {_show(r)}", file=label,
+                                  key="r")
+        self.r = r
+        rs = cfg.get("use_rslora", False)
+        if rs is None:
+            rs = False
+        if not isinstance(rs, bool):
+            raise LoraFormatError(f"adapter config: use_rslora must be true or false, not {_show(rs)}",
+                                  file=label, key="use_rslora")
+        self.rslora = rs
+        dora = cfg.get("use_dora")
+        if dora is not None and not isinstance(dora, bool):
+            raise LoraFormatError(f"adapter config: use_dora must be true or false, not {_show(dora)}",
+                                  file=label, key="use_dora")
+        if dora:
+            raise UnsupportedFormatError("format found: DoRA (use_dora in the adapter config)", file=label)
+        self.rank_pattern = self._patterns(cfg, "rank_pattern", integer=True)
+        self.alpha_pattern = self._patterns(cfg, "alpha_pattern", integer=False)
+
+    def _patterns(self, cfg, name: str, integer: bool):
+        raw = cfg.get(name)
+        if raw is None:
+            return []
+        if not isinstance(raw, dict):
+            raise LoraFormatError(f"adapter config: {name} must be a JSON object, not {_show(raw)}",
+                                  file=self.label, key=name)
+        if len(raw) > 100_000:
+            raise LoraFormatError(f"adapter config: {name} has {len(raw):,} entries", file=self.label, key=name)
+        out = []
+        for k, v in raw.items():
+            if integer:
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 1 << 31:
+                    raise LoraFormatError(f"adapter config: {name}[{_show(k)}] must be a positive integer, "
+                                          f"not {_show(v)}", file=self.label, key=name)
+            else:
+                _number(v, f"{name}[{_show(k)}]", self.label)
             try:
-                if re.match(rf"(.*\.)?({p})$", path):
-                    return v
-            except re.error:
-                if path == p or path.endswith("." + p):
-                    return v
+                pat = _Pattern(k)
+            except ValueError as e:
+                raise LoraFormatError(f"adapter config: {name} key {_show(k)} {e}", file=self.label,
+                                      key=name) from None
+            out.append((pat, v))
+        if sum(p.rx is None for p, _ in out) > 256:
+            raise LoraFormatError(f"adapter config: {name} has more than 256 keys with '*', '+' or '?'",
+                                  file=self.label, key=name)
+        return out
+
+    @staticmethod
+    def _match(patterns, path: str):
+        for p, v in patterns:
+            if p.match(path):
+                return v
         return None
 
     def scale(self, paths: List[str], rank: int) -> float:
@@ -74,15 +283,18 @@ class PeftScale:
         return float(alpha) / (math.sqrt(rank) if self.rslora else rank)
 
 
-def _configs_from_metadata(metadata: Mapping[str, str]) -> Dict[str, Dict[str, Any]]:
+def _configs_from_metadata(metadata: Mapping[str, str], label: str = "") -> Dict[str, Dict[str, Any]]:
     """``lora_adapter_metadata`` -> {component or "": config}. diffusers writes flat ``unet.r`` keys."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
+    from .safetensors import safe_json_loads
     try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
+        obj = safe_json_loads(raw, max_objects=10_000, what="lora_adapter_metadata")
+    except ValueError as e:
+        if str(e) == "lora_adapter_metadata is not valid JSON":
+            return {}
+        raise LoraFormatError(str(e), file=label, key="lora_adapter_metadata") from None
     if not isinstance(obj, dict):
         return {}
     out: Dict[str, Dict[str, Any]] = {}
@@ -98,19 +310,38 @@ def _configs_from_metadata(metadata: Mapping[str, str]) -> Dict[str, Dict[str, A
     return out
 
 
+CONFIG_SOURCE = "__domerge_config_file__"
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def read_adapter_config(adapter_config) -> Optional[Dict[str, Any]]:
     if adapter_config is None:
         return None
     if isinstance(adapter_config, Mapping):
         return dict(adapter_config)
+    if not isinstance(adapter_config, (str, os.PathLike)):
+        raise LoraFormatError(f"adapter_config must be a path or a dict, not {type(adapter_config).__name__}")
     path = os.fspath(adapter_config)
+    from .safetensors import open_regular, safe_json_loads
+    fd, st = open_regular(path, what="adapter config")
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise LoraFormatError(f"adapter config of {st.st_size:,} bytes; a real one has a few KB", file=path)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise LoraFormatError(f"cannot read adapter config: {e.strerror or e}", file=path) from None
+    finally:
+        os.close(fd)
+    try:
+        obj = safe_json_loads(data.decode("utf-8"), max_objects=100_000, what="adapter config")
+    except UnicodeDecodeError:
+        raise LoraFormatError("adapter config is not UTF-8 JSON", file=path) from None
+    except ValueError as e:
         raise LoraFormatError(f"cannot read adapter config: {e}", file=path) from None
     if not isinstance(obj, dict):
         raise LoraFormatError("adapter config is not a JSON object", file=path)
+    obj[CONFIG_SOURCE] = path
     return obj
 
 
@@ -160,6 +391,9 @@ def _module_geometry(src: TensorSource, g: ModuleKeys):
 
 
 def _alpha(src: TensorSource, key: str) -> float:
+    dt = src.dtypes.get(key)
+    if dt in ("BOOL", "F8_E4M3", "F8_E5M2") or (isinstance(dt, str) and ("bool" in dt or "float8" in dt)):
+        raise LoraFormatError(f"alpha stored as {dt}; expected a float or integer scalar", file=src.label, key=key)
     shape = tuple(src.shapes[key])
     n = 1
     for s in shape:
@@ -206,10 +440,14 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
                  adapter_config: Optional[Mapping[str, Any]] = None) -> FilePlan:
     metadata = dict(metadata or {})
     groups = group_keys(src.keys(), src.label)
-    cfgs = _configs_from_metadata(metadata)
+    cfgs = _configs_from_metadata(metadata, src.label)
+    labels = {k: src.label for k in cfgs}
     if adapter_config:
+        adapter_config = dict(adapter_config)
+        cfg_file = adapter_config.pop(CONFIG_SOURCE, None)
         cfgs.setdefault("", {}).update(adapter_config)
-    scales = {k: PeftScale(v) for k, v in cfgs.items()}
+        labels[""] = cfg_file or src.label
+    scales = {k: PeftScale(v, labels.get(k, src.label)) for k, v in cfgs.items()}
     modules: Dict[str, ModulePlan] = {}
     formats: Counter = Counter()
     layout: Dict[str, str] = {}

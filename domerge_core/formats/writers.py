@@ -148,6 +148,12 @@ def plan_state_dict(lora: Lora, format: Optional[str] = None, *, dtype: Optional
     format = format or default_format(lora)
     if format not in FORMATS:
         raise LoraFormatError(f"unknown output format {format!r}; choose one of {', '.join(FORMATS)}")
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        from ..errors import InvalidParameterError
+        raise InvalidParameterError(f"cannot write LoRA factors as {dtype}: choose torch.float16, bfloat16, "
+                                    f"float32 or float64 (what the readers accept)", file=lora.source)
+    if format is not None and not isinstance(format, str):
+        raise LoraFormatError(f"format must be one of {', '.join(FORMATS)}, not {type(format).__name__}")
     dtype = dtype or lora.dtype or torch.float32
     if not len(lora):
         raise LoraFormatError("nothing to write: the LoRA has no modules", file=lora.source)

@@ -10,7 +10,7 @@ parameters followed by those.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Mapping, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InvalidParameterError
 
@@ -41,8 +41,8 @@ class Param:
                 value = str(value)
                 if value not in self.choices:
                     raise ValueError(f"must be one of {', '.join(self.choices)}")
-        except (TypeError, ValueError) as e:
-            raise InvalidParameterError(f"parameter {self.name}: {value!r}: {e}") from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InvalidParameterError(f"parameter {self.name}: {str(value)[:40]!r}: {e}") from None
         if self.type in ("float", "int"):
             if value != value:  # NaN
                 raise InvalidParameterError(f"parameter {self.name}: NaN is not allowed")
@@ -81,6 +81,8 @@ class MethodSpec:
         """Defaults overlaid with ``params``, each validated. Unknown names are an error."""
         specs = {p.name: p for p in self.all_params()}
         out = self.defaults()
+        if params is not None and not isinstance(params, Mapping):
+            raise InvalidParameterError(f"params must be a dict of parameter values, not {type(params).__name__}")
         for k, v in (params or {}).items():
             if k not in specs:
                 raise InvalidParameterError(
@@ -106,6 +108,8 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 
 def get_method(name: str) -> MethodSpec:
+    if not isinstance(name, str):
+        raise InvalidParameterError(f"method must be a method name (str), not {type(name).__name__}")
     try:
         return _REGISTRY[name]
     except KeyError:
