@@ -670,3 +670,188 @@ def nobody_uid() -> int:
         return pwd.getpwnam("nobody").pw_uid
     except KeyError:
         return 65534
+
+
+# --------------------------------------------------------------------------------------------
+# second pass (issue 14): the catalogue of bad files the first pass did not cover
+# --------------------------------------------------------------------------------------------
+RAW = "@@raw@@"
+
+
+def _raw_entry(key_suffix: str, field: str, raw: str) -> Callable[[bytes], bytes]:
+    """Set one header field of the victim tensor to raw JSON text (numbers JSON can spell but
+    Python would not build: 5000 digits, 1e400, NaN...)."""
+    def make(blob: bytes) -> bytes:
+        _, header, data = split_file(blob)
+        header[VICTIM + key_suffix][field] = RAW
+        text = json.dumps(header, separators=(",", ":")).replace(json.dumps(RAW), raw)
+        return raw_file(None, data, header_text=text)
+    return make
+
+
+def _raw_metadata(raw: str) -> Callable[[bytes], bytes]:
+    def make(blob: bytes) -> bytes:
+        _, header, data = split_file(blob)
+        header["__metadata__"] = RAW
+        text = json.dumps(header, separators=(",", ":")).replace(json.dumps(RAW), raw)
+        return raw_file(None, data, header_text=text)
+    return make
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _dup_field(blob: bytes) -> bytes:
+    """One tensor entry with "dtype" twice (the second one lies)."""
+    _, header, data = split_file(blob)
+    key = VICTIM + ".lora_down.weight"
+    text = json.dumps(header, separators=(",", ":"))
+    entry = json.dumps(header[key], separators=(",", ":"))
+    return raw_file(None, data, header_text=text.replace(entry, entry[:-1] + ',"dtype":"F32"}'))
+
+
+def _dup_metadata(blob: bytes) -> bytes:
+    _, header, data = split_file(blob)
+    text = json.dumps(header, separators=(",", ":"))
+    return raw_file(None, data, header_text=text.replace('"__metadata__":{', '"__metadata__":{"ss_v2":"True","ss_v2":"False",'))
+
+
+def _special_case(name: str, make_bad: Callable[[str], str], **kw) -> Case:
+    """``make_bad(path)`` puts something that is not a regular file at ``path``."""
+    def build(folder: str) -> List[str]:
+        g = _good(folder)
+        bad = os.path.join(folder, "bad.safetensors")
+        make_bad(bad)
+        return [g, bad]
+    return Case(name, build, **kw)
+
+
+def _header_limit_plus_one(blob: bytes) -> bytes:
+    """Header length 100,000,001: over the safetensors limit (10^8), under 100 MiB (the old one)."""
+    n = 100_000_001
+    return struct.pack("<Q", n) + b"{" + b" " * (n - 2) + b"}"
+
+
+PEFT_MODULES = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+
+
+def write_peft(folder: str, config: Optional[dict] = None, seed: int = 0, metadata: Optional[dict] = None,
+               name: str = "adapter_model.safetensors", modules: Sequence[str] = PEFT_MODULES) -> str:
+    """A PEFT ``save_pretrained`` folder: adapter_model.safetensors (+ adapter_config.json)."""
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for m in modules:
+        sd[f"base_model.model.{m}.lora_A.weight"] = (torch.randn(4, 64, generator=g) / 8).half()
+        sd[f"base_model.model.{m}.lora_B.weight"] = (torch.randn(64, 4, generator=g) / 8).half()
+    if config is not None:
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            f.write(config if isinstance(config, str) else json.dumps(config))
+    return save(sd, os.path.join(folder, name), {"format": "pt", **(metadata or {})})
+
+
+def _peft_case(name: str, config=None, metadata: Optional[dict] = None, key: str = "", **kw) -> Case:
+    """A good PEFT folder and a bad one (its adapter_config.json or lora_adapter_metadata is wrong)."""
+    def build(folder: str) -> List[str]:
+        g = write_peft(os.path.join(folder, "good"), {"r": 4, "lora_alpha": 8}, seed=1)
+        bad = write_peft(os.path.join(folder, "bad"), None if callable(config) else config, seed=2,
+                         metadata=metadata, name="bad.safetensors")
+        if callable(config):
+            config(os.path.join(folder, "bad", "adapter_config.json"))
+        return [g, bad]
+    culprit = "adapter_config.json" if config is not None else "bad.safetensors"
+    return Case(name, build, culprit=kw.pop("culprit", culprit), mention=(key,) if key else (), **kw)
+
+
+def _cfg(**fields) -> dict:
+    return {"r": 4, "lora_alpha": 8, "peft_type": "LORA", **fields}
+
+
+PASS2_INPUTS: List[Case] = [
+    # the JSON header: numbers and nesting Python would choke on (category 4)
+    _bytes_case("header nested 100000 deep", lambda b: raw_file(None, split_file(b)[2],
+                header_text='{"x":' + _nested(100000) + "}")),
+    _bytes_case("metadata nested 100000 deep", _raw_metadata('{"a":' + _nested(100000) + "}")),
+    _bytes_case("5000-digit integer in a shape", _raw_entry(".lora_down.weight", "shape", "[4," + "9" * 5000 + "]"),
+                mention=VICTIM_TOKENS),
+    _bytes_case("5000-digit integer in data_offsets", _raw_entry(".lora_down.weight", "data_offsets",
+                                                                 "[0," + "1" * 5000 + "]"), mention=VICTIM_TOKENS),
+    _bytes_case("1e400 in a shape", _raw_entry(".lora_down.weight", "shape", "[4,1e400]"), mention=VICTIM_TOKENS),
+    _bytes_case("1e400 in data_offsets", _raw_entry(".lora_down.weight", "data_offsets", "[0,1e400]"),
+                mention=VICTIM_TOKENS),
+    _bytes_case("NaN in a shape", _raw_entry(".lora_down.weight", "shape", "[4,NaN]"), mention=VICTIM_TOKENS),
+    _bytes_case("float shape (4.0, 320.0)", _raw_entry(".lora_down.weight", "shape", "[4.0,320.0]"),
+                mention=VICTIM_TOKENS),
+    _bytes_case("float data_offsets", _edit_entry(".lora_down.weight", lambda e: e.update(
+        data_offsets=[float(x) for x in e["data_offsets"]])), mention=VICTIM_TOKENS),
+    _bytes_case("boolean in a shape", _edit_entry(".lora_down.weight", lambda e: e.update(shape=[True, 320])),
+                mention=VICTIM_TOKENS),
+    _bytes_case("negative data_offsets", _edit_entry(".lora_down.weight", lambda e: e.update(data_offsets=[-8, 0])),
+                mention=VICTIM_TOKENS),
+    _bytes_case("three data_offsets", _edit_entry(".lora_down.weight", lambda e: e.update(
+        data_offsets=e["data_offsets"] + [0])), mention=VICTIM_TOKENS),
+    _bytes_case("shape is a string", _edit_entry(".lora_down.weight", lambda e: e.update(shape="4x320")),
+                mention=VICTIM_TOKENS),
+    _bytes_case("shape is an object", _edit_entry(".lora_down.weight", lambda e: e.update(shape={"0": 4})),
+                mention=VICTIM_TOKENS),
+    _bytes_case("dtype is a list", _edit_entry(".lora_down.weight", lambda e: e.update(dtype=["F16"])),
+                mention=VICTIM_TOKENS),
+    _bytes_case("dtype is a number", _edit_entry(".lora_down.weight", lambda e: e.update(dtype=16)),
+                mention=VICTIM_TOKENS),
+    _bytes_case("dtype is null", _edit_entry(".lora_down.weight", lambda e: e.update(dtype=None)),
+                mention=VICTIM_TOKENS),
+    _bytes_case("entry is a string", lambda b: with_header_edit(
+        b, lambda h: h.update({VICTIM + ".lora_down.weight": "F16"})), mention=VICTIM_TOKENS),
+    _bytes_case("entry is a list", lambda b: with_header_edit(
+        b, lambda h: h.update({VICTIM + ".lora_down.weight": [1, 2]})), mention=VICTIM_TOKENS),
+    _bytes_case("metadata is a list", lambda b: with_header_edit(b, lambda h: h.update(__metadata__=["a"]))),
+    _bytes_case("metadata value is a number", lambda b: with_header_edit(
+        b, lambda h: h["__metadata__"].update(ss_network_dim=4)), mention=("ss_network_dim",)),
+    _bytes_case("a field of an entry twice", _dup_field, mention=("dtype",)),
+    _bytes_case("a metadata key twice", _dup_metadata, mention=("ss_v2",)),
+    # one reader: what inspect and merge disagreed on (category 7)
+    _tensor_case("alpha stored as bool", lambda sd: _set(sd, ".alpha", torch.tensor(True))),
+    _tensor_case("alpha stored as fp8 e4m3", lambda sd: _set(sd, ".alpha", torch.tensor(4.0).to(torch.float8_e4m3fn))),
+    _tensor_case("alpha stored as fp8 e5m2", lambda sd: _set(sd, ".alpha", torch.tensor(4.0).to(torch.float8_e5m2))),
+    _bytes_case("header of 10^8 + 1 bytes", _header_limit_plus_one),
+    # not a regular file (category 3: a FIFO blocked forever)
+    _special_case("a FIFO", os.mkfifo),
+    _special_case("a symlink to /dev/zero", lambda p: os.symlink("/dev/zero", p)),
+    _special_case("a symlink to /dev/null", lambda p: os.symlink("/dev/null", p)),
+    _special_case("a dangling symlink", lambda p: os.symlink(p + ".gone", p)),
+    # PEFT configs of the wrong JSON types (category 4) and patterns from the file (category 3)
+    _peft_case("adapter_config: lora_alpha is a string", _cfg(lora_alpha="8"), key="lora_alpha"),
+    _peft_case("adapter_config: lora_alpha is a list", _cfg(lora_alpha=[8]), key="lora_alpha"),
+    _peft_case("adapter_config: lora_alpha is 1e400", lambda p: open(p, "w").write(
+        '{"r": 4, "lora_alpha": 1e400}'), key="lora_alpha"),
+    _peft_case("adapter_config: lora_alpha is 5000 digits", lambda p: open(p, "w").write(
+        '{"r": 4, "lora_alpha": ' + "7" * 5000 + "}")),
+    _peft_case("adapter_config: r is a string", _cfg(r="4"), key="r"),
+    _peft_case("adapter_config: use_rslora is the string 'false'", _cfg(use_rslora="false"), key="use_rslora"),
+    _peft_case("adapter_config: alpha_pattern is a list", _cfg(alpha_pattern=["q_proj"]), key="alpha_pattern"),
+    _peft_case("adapter_config: alpha_pattern value is a string", _cfg(alpha_pattern={"q_proj": "16"}),
+               key="alpha_pattern"),
+    _peft_case("adapter_config: rank_pattern value is a float", _cfg(rank_pattern={"q_proj": 2.5}),
+               key="rank_pattern"),
+    _peft_case("adapter_config: alpha_pattern with a group", _cfg(alpha_pattern={"(a*)*b": 16}),
+               key="alpha_pattern"),
+    _peft_case("adapter_config: alpha_pattern with a back-reference", _cfg(alpha_pattern={r"(q)\1": 16}),
+               key="alpha_pattern"),
+    _peft_case("adapter_config: nested 100000 deep", lambda p: open(p, "w").write(
+        '{"r": 4, "x": ' + _nested(100000) + "}")),
+    _peft_case("adapter_config: a FIFO", lambda p: os.mkfifo(p)),
+    _peft_case("adapter_config: a dangling symlink", lambda p: os.symlink(p + ".gone", p)),
+    _peft_case("adapter_config: use_dora is a string", _cfg(use_dora="yes"), key="use_dora"),
+    _peft_case("lora_adapter_metadata: alpha_pattern with a group",
+               metadata={"lora_adapter_metadata": json.dumps(_cfg(alpha_pattern={"(x+x+)+y": 16}))},
+               key="alpha_pattern"),
+    _peft_case("lora_adapter_metadata: lora_alpha is a string",
+               metadata={"lora_adapter_metadata": json.dumps(_cfg(lora_alpha="a lot"))}, key="lora_alpha"),
+    _peft_case("lora_adapter_metadata: nested 100000 deep",
+               metadata={"lora_adapter_metadata": '{"r": 4, "x": ' + _nested(100000) + "}"}),
+]
+
+
+def pass2_ids() -> List[str]:
+    return [c.name for c in PASS2_INPUTS]

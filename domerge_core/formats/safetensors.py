@@ -152,13 +152,16 @@ class _HeaderRefused(Exception):
     """Raised from the JSON hooks: stops parsing at once (message, key)."""
 
 
-def _parse_int(s: str) -> int:
+def _parse_int(s: str):
+    # a 5000-digit integer becomes infinity: every field check then refuses it and names its key
+    # (Python's int() would raise, or build a number no field can hold)
     if len(s.lstrip("-")) > MAX_INT_DIGITS:
-        raise _HeaderRefused(f"holds an integer of {len(s.lstrip('-'))} digits", None)
+        return float("-inf") if s.startswith("-") else float("inf")
     return int(s)
 
 
-def safe_json_loads(text, *, max_objects: Optional[int] = None, what: str = "JSON"):
+def safe_json_loads(text, *, max_objects: Optional[int] = None, what: str = "JSON",
+                    too_many: Optional[str] = None):
     """``json.loads`` that cannot be made to recurse without bound, build huge integers, or keep
     duplicate keys silently; ``max_objects`` bounds the number of JSON objects built. Raises
     ``ValueError`` with a one-line reason (callers add the file name)."""
@@ -167,7 +170,7 @@ def safe_json_loads(text, *, max_objects: Optional[int] = None, what: str = "JSO
     def pairs(items):
         count[0] += 1
         if max_objects is not None and count[0] > max_objects:
-            raise _HeaderRefused(f"has more than {max_objects - 1:,} entries; no LoRA has that many tensors", None)
+            raise _HeaderRefused(too_many or f"has more than {max_objects:,} JSON objects", None)
         d = {}
         for k, v in items:
             if k in d:
@@ -251,7 +254,9 @@ def _read_header_fd(fd: int, st: os.stat_result, path: str) -> Header:
     except UnicodeDecodeError:
         raise LoraFormatError("not a safetensors file (header is not JSON)", file=path) from None
     try:
-        obj = safe_json_loads(text, max_objects=MAX_TENSORS + 2, what="header")
+        # one object per tensor entry, plus the header itself and its __metadata__
+        obj = safe_json_loads(text, max_objects=MAX_TENSORS + 2, what="header",
+                              too_many=f"declares more than {MAX_TENSORS:,} tensors; no LoRA has that many")
     except ValueError as e:
         msg = str(e)
         if msg == "header is not valid JSON":
