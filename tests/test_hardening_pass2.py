@@ -370,17 +370,23 @@ def test_tensor_count_is_bounded_while_parsing():
 def test_sparse_file_is_refused_before_allocating(tmp_path):
     """A few KB on disk declaring a 4 GiB tensor: refused as sparse, under +512 MiB address space."""
     bad = str(tmp_path / "sparse.safetensors")
-    n = 1 << 31                                   # fp16 elements: 4 GiB
-    header = {VICTIM + ".lora_down.weight": {"dtype": "F16", "shape": [1 << 7, n >> 7], "data_offsets": [0, 2 * n]}}
+    n = 1 << 31                                   # fp16 elements of the down factor: 4 GiB of holes
+    up_bytes = 320 * 128 * 2
+    header = {VICTIM + ".lora_down.weight": {"dtype": "F16", "shape": [128, n >> 7], "data_offsets": [0, 2 * n]},
+              VICTIM + ".lora_up.weight": {"dtype": "F16", "shape": [320, 128],
+                                           "data_offsets": [2 * n, 2 * n + up_bytes]},
+              VICTIM + ".alpha": {"dtype": "F32", "shape": [], "data_offsets": [2 * n + up_bytes, 2 * n + up_bytes + 4]}}
+    head = raw_file(header, b"")
     with open(bad, "wb") as f:
-        f.write(raw_file(header, b""))
-    os.truncate(bad, os.path.getsize(bad) + 2 * n)
+        f.write(head)
+        f.seek(len(head) + 2 * n)
+        f.write(bytes(up_bytes) + struct.pack("<f", 128.0))
     if os.stat(bad).st_blocks * 512 > 1 << 20:
         pytest.skip("this filesystem does not make sparse files")
     for argv in (["inspect", bad, "--no-analysis"], ["convert", bad, "-o", str(tmp_path / "o.safetensors")]):
         r = server().run(argv, cwd=str(tmp_path), as_extra=512 << 20)
         line = assert_one_error_line(r, "sparse.safetensors")
-        assert "sparse" in line
+        assert "is a sparse file" in line
 
 
 def test_a_backtracking_alpha_pattern_does_not_hang(tmp_path):
