@@ -521,6 +521,7 @@ def check_outputs(paths: Sequence[str], *, overwrite: bool = False, inputs: Iter
     input or a file read beside one (always refused), two outputs are never the same file, none is a
     folder, FIFO, device, socket or dangling link, and none exists unless ``overwrite``."""
     paths = [os.fspath(p) for p in paths]
+    inputs = [os.fspath(i) for i in inputs if isinstance(i, (str, os.PathLike))]
     protected = protected_paths(inputs)
     for i, path in enumerate(paths):
         if not path:
