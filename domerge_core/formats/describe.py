@@ -32,22 +32,26 @@ def _plan_of_file(path: str):
     """A Lora-like view of a file from its header (canonical modules, scales, shapes), torch-free."""
     from ..formats import ADAPTER_FILES
     from .plan import TensorSource, plan_modules, read_adapter_config
-    from .safetensors import read_header, read_scalar
+    from .safetensors import open_header, read_scalar, read_tensor_bytes
 
     path = os.fspath(path)
     if os.path.isdir(path):
         found = [os.path.join(path, n) for n in ADAPTER_FILES if os.path.isfile(os.path.join(path, n))]
         if len(found) == 1:
             path = found[0]
-    h = read_header(path)
-    src = TensorSource(path, {k: t.shape for k, t in h.tensors.items()}, {k: t.dtype for k, t in h.tensors.items()},
-                       scalar=lambda k: read_scalar(h, k))
-    cfg = None
-    if any(".lora_A" in k or ".lora_B" in k for k in h.tensors) and "lora_adapter_metadata" not in h.metadata:
-        beside = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
-        if os.path.lexists(beside):
-            cfg = read_adapter_config(beside)
-    p = plan_modules(src, h.metadata, adapter_config=cfg)
+    h, fd = open_header(path)      # one descriptor for the header and every alpha
+    try:
+        src = TensorSource(path, {k: t.shape for k, t in h.tensors.items()},
+                           {k: t.dtype for k, t in h.tensors.items()},
+                           scalar=lambda k: read_scalar(h, k, read_tensor_bytes(h, fd, k)))
+        cfg = None
+        if any(".lora_A" in k or ".lora_B" in k for k in h.tensors) and "lora_adapter_metadata" not in h.metadata:
+            beside = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
+            if os.path.lexists(beside):
+                cfg = read_adapter_config(beside)
+        p = plan_modules(src, h.metadata, adapter_config=cfg)
+    finally:
+        os.close(fd)
     mods = [SimpleNamespace(key=m.key, kind=m.kind, rank=m.rank, scale=m.scale, kernel_size=m.kernel_size,
                             dtype=_ST_NAMES.get(m.dtype, m.dtype), out_features=m.out_features,
                             in_features=m.in_features) for m in p.modules.values()]

@@ -216,6 +216,26 @@ def read_header(path: str) -> Header:
         os.close(fd)
 
 
+def open_header(path: str) -> Tuple[Header, int]:
+    """(header, open descriptor of the same file): the caller reads from it and closes it."""
+    path = os.fspath(path)
+    fd, st = _open_file(path)
+    try:
+        return _read_header_fd(fd, st, path), fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_tensor_bytes(header: Header, fd: int, key: str) -> bytes:
+    """One tensor's bytes through ``fd`` (from :func:`open_header`), checked unchanged."""
+    t = header.tensors[key]
+    raw = _pread(fd, t.end - t.begin, header.data_start + t.begin)
+    if len(raw) != t.end - t.begin or _fingerprint(os.fstat(fd)) != header.fingerprint:
+        raise LoraFormatError("changed while being read (replaced, truncated or rewritten)", file=header.path)
+    return raw
+
+
 def _open_file(path: str) -> Tuple[int, os.stat_result]:
     lower = path.lower()
     if lower.endswith(PICKLE_SUFFIXES):
