@@ -80,6 +80,10 @@ def run_demo(out_dir: Optional[str] = None, print_fn: Callable[[str], None] = pr
     from .engine.merge import merge
 
     t0 = time.perf_counter()
+    targets = [os.path.join(out_dir, f"demo_{tag}.safetensors") for tag in ("ta", "do")] if out_dir else []
+    if targets and os.path.isdir(out_dir):      # an existing file is never replaced (checked before any work)
+        from .formats.safetensors import check_outputs
+        check_outputs(targets)
     loras = demo_loras()
     names = list(NAMES)
     p = print_fn
@@ -124,7 +128,7 @@ def run_demo(out_dir: Optional[str] = None, print_fn: Callable[[str], None] = pr
         os.makedirs(out_dir, exist_ok=True)
         for tag, res in (("ta", ta), ("do", do)):
             path = os.path.join(out_dir, f"demo_{tag}.safetensors")
-            written.append(res.save(path, format="kohya", dtype=torch.float16, overwrite=True))
+            written.append(res.save(path, format="kohya", dtype=torch.float16, overwrite=False))
         p(f"\nwrote {', '.join(written)}")
     dt = time.perf_counter() - t0
     p(f"\n(done in {dt:.1f} s)")

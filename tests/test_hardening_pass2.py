@@ -223,6 +223,15 @@ def test_non_regular_or_input_outputs_are_refused(tmp_path, kind, which):
         assert stat.S_ISFIFO(os.lstat(bad).st_mode)
 
 
+def test_demo_never_replaces_an_existing_file(tmp_path):
+    """`domerge demo --out-dir` replaced demo_do.safetensors silently (overwrite=True)."""
+    mine = tmp_path / "demo_do.safetensors"
+    mine.write_bytes(b"my own file")
+    r = server().run(["demo", "--out-dir", str(tmp_path)], cwd=str(tmp_path))
+    assert_one_error_line(r, "demo_do.safetensors")
+    assert mine.read_bytes() == b"my own file" and sorted(os.listdir(tmp_path)) == ["demo_do.safetensors"]
+
+
 def test_api_save_refuses_sidecar_and_fifo(tmp_path):
     g = write_peft(str(tmp_path / "p1"), {"r": 4, "lora_alpha": 8}, seed=1)
     lora = dc.load_lora(g)
