@@ -40,6 +40,12 @@ def _err(msg: str) -> None:
     print(f"error: {escape_controls(msg)}", file=sys.stderr)
 
 
+def _escape_lines(text: str) -> str:
+    """Multi-line output with control characters inside each line escaped (names come from files)."""
+    from .errors import escape_controls
+    return "\n".join(escape_controls(line) for line in text.split("\n"))
+
+
 class ProgressBar:
     """A one-line progress display on stderr (only when stderr is a terminal, unless forced)."""
 
@@ -100,7 +106,7 @@ def cmd_inspect(args) -> int:
     if analysis is not None:
         from .report.text import render_analysis
         print()
-        print(escape_controls(render_analysis(analysis, [os.path.basename(p) for p in args.files])))
+        print(_escape_lines(render_analysis(analysis, [os.path.basename(p) for p in args.files])))
     return 0
 
 
@@ -221,7 +227,7 @@ def _print_merge_summary(result, path: str, elapsed: float) -> None:
     from .errors import escape_controls
     from .report.text import render_merge
     print(f"merged {len(result.inputs)} LoRAs with {result.method} -> {escape_controls(path)} in {elapsed:.2f} s")
-    print(escape_controls(render_merge(result.report or {})))
+    print(_escape_lines(render_merge(result.report or {})))
 
 
 # ----------------------------------------------------------------------------- demo / methods

@@ -576,6 +576,19 @@ def test_tensor_names_are_escaped_in_errors_and_inspect(tmp_path):
     assert line.startswith("error: ")
 
 
+def test_names_are_escaped_in_the_analysis_and_the_merge_summary(tmp_path):
+    a = write_good(str(tmp_path / "a\x1b[2J.safetensors"), seed=1)
+    b = write_good(str(tmp_path / "b\nforged.safetensors"), seed=2)
+    r = server().run(["inspect", a, b], cwd=str(tmp_path))
+    assert r.rc == 0, r.stderr
+    assert "\x1b" not in r.stdout and "a\\x1b[2J.safetensors" in r.stdout and "b\\nforged" in r.stdout
+    assert "pairwise analysis" in r.stdout.splitlines()       # still one line per row
+    out = str(tmp_path / "m\x1b[31m.safetensors")
+    r = server().run(["merge", a, b, "-o", out], cwd=str(tmp_path))
+    assert r.rc == 0, r.stderr
+    assert "\x1b" not in r.stdout and "m\\x1b[31m.safetensors" in r.stdout
+
+
 def test_core_errors_are_one_escaped_line():
     e = dc.LoraFormatError("bad\u2028thing\n", file="a\nb\x1b", key="k\r")
     s = str(e)
