@@ -14,8 +14,10 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from .formats.dtypes import OUTPUT_CHOICES
+from .formats.writers import FORMATS
+
 EXIT_USAGE = 2
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 class _Terminated(KeyboardInterrupt):
@@ -76,8 +78,8 @@ class ProgressBar:
 def _torch_dtype(name: Optional[str]):
     if name is None:
         return None
-    import torch
-    return getattr(torch, DTYPES[name])
+    from .formats.dtypes import torch_dtype
+    return torch_dtype(name)
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -296,9 +298,9 @@ def build_parser(method_params: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="rewrite a LoRA in another layout")
     p.add_argument("input", metavar="IN")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
-    p.add_argument("--format", choices=["kohya", "diffusers", "peft"], default=None,
+    p.add_argument("--format", choices=list(FORMATS), default=None,
                    help="output layout (default: the input's)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="output dtype (default: the input's)")
+    p.add_argument("--dtype", choices=list(OUTPUT_CHOICES), default=None, help="output dtype (default: the input's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)
 
@@ -312,9 +314,9 @@ def build_parser(method_params: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--energy", type=float, default=None,
                    help="truncate each module to keep this fraction of its singular energy (0..1]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="output dtype (default: the inputs')")
+    p.add_argument("--dtype", choices=list(OUTPUT_CHOICES), default=None, help="output dtype (default: the inputs')")
     p.add_argument("--compute-dtype", choices=["fp32", "fp64"], default="fp32")
-    p.add_argument("--format", choices=["kohya", "diffusers", "peft"], default=None,
+    p.add_argument("--format", choices=list(FORMATS), default=None,
                    help="output layout (default: the first input's)")
     p.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE)")
     p.add_argument("--report", default=None, metavar="FILE.json", help="write the diagnostics as JSON")

@@ -4,14 +4,12 @@ from __future__ import annotations
 import os
 import re
 
-import torch
-
 import domerge_core
+from domerge_core.formats.dtypes import OUTPUT_CHOICES, torch_dtype
 
 from . import comfy_glue as glue
 from .lora_list import CATEGORY
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_COUNTER = 99999
 
 
@@ -72,7 +70,7 @@ class DomergeSaveLora:
                                                       "_00001, _00002 ... is appended)."}),
             "format": (list(domerge_core.FORMATS), {
                 "default": "kohya", "tooltip": "File layout: kohya (A1111/Forge/ComfyUI), diffusers, or peft."}),
-            "dtype": (list(DTYPES), {"default": "fp16", "tooltip": "Precision of the saved factors."}),
+            "dtype": (list(OUTPUT_CHOICES), {"default": "fp16", "tooltip": "Precision of the saved factors."}),
         }}
 
     @classmethod
@@ -89,8 +87,8 @@ class DomergeSaveLora:
         full, listed = output_path(filename_prefix)
         result = getattr(lora, "result", None)
         if result is not None:
-            result.save(full, format=format, dtype=DTYPES[dtype], overwrite=False)
+            result.save(full, format=format, dtype=torch_dtype(dtype), overwrite=False)
         else:      # a plain LORA_MODEL (e.g. TrainLoraNode's): read through the core, write the same way
             src = domerge_core.load_state_dict(dict(lora), source="LORA_MODEL")
-            domerge_core.save_lora(src, full, format=format, dtype=DTYPES[dtype], overwrite=False)
+            domerge_core.save_lora(src, full, format=format, dtype=torch_dtype(dtype), overwrite=False)
         return {"ui": {"text": [listed]}, "result": (listed,)}

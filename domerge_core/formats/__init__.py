@@ -72,14 +72,15 @@ def load_state_dict(sd: Mapping[str, torch.Tensor], *, source: str = "<state dic
     """The same as :func:`load_lora` over in-memory tensors (e.g. ComfyUI's LORA_MODEL dict)."""
     import torch
 
-    from .reader import DTYPE_NAMES, TensorSource, build_lora
+    from .dtypes import code_of
+    from .reader import TensorSource, build_lora
 
     tensors: Dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             raise LoraFormatError(f"value is a {type(v).__name__}, not a tensor", file=source, key=str(k))
         tensors[str(k)] = v
-    dtypes = {k: DTYPE_NAMES.get(v.dtype, str(v.dtype)) for k, v in tensors.items()}
+    dtypes = {k: code_of(v.dtype) or str(v.dtype) for k, v in tensors.items()}
     src = TensorSource(source, {k: tuple(v.shape) for k, v in tensors.items()}, dtypes,
                        lambda k: tensors[k].detach())
     return build_lora(src, metadata, adapter_config=read_adapter_config(adapter_config))

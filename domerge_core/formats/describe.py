@@ -11,7 +11,8 @@ from collections import Counter
 from types import SimpleNamespace
 from typing import Any, Dict, Union
 
-_DTYPE_NAMES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32", "torch.float64": "fp64"}
+from .dtypes import short_name
+
 _META_SHOWN = ("ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                "ss_output_name", "modelspec.architecture", "modelspec.title", "modelspec.merged_from")
 
@@ -25,7 +26,6 @@ def _hist(values) -> Dict[str, int]:
     return {str(k): c[k] for k in sorted(c)}
 
 
-_ST_NAMES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64"}
 
 
 def _plan_of_file(path: str):
@@ -53,7 +53,7 @@ def _plan_of_file(path: str):
     finally:
         os.close(fd)
     mods = [SimpleNamespace(key=m.key, kind=m.kind, rank=m.rank, scale=m.scale, kernel_size=m.kernel_size,
-                            dtype=_ST_NAMES.get(m.dtype, m.dtype), out_features=m.out_features,
+                            dtype=short_name(m.dtype), out_features=m.out_features,
                             in_features=m.in_features) for m in p.modules.values()]
     return SimpleNamespace(modules=mods, format=p.format, base_model=p.base_model, layout=p.layout,
                            metadata=p.metadata, source=path)
@@ -70,7 +70,7 @@ def describe(lora: Union["Lora", str, "os.PathLike[str]"]) -> Dict[str, Any]:
     ranks = [m.rank for m in mods]
     alphas = [_num(m.scale * m.rank) for m in mods]
     scales = [_num(m.scale) for m in mods]
-    dtypes = Counter(m.dtype if isinstance(m.dtype, str) else _DTYPE_NAMES.get(str(m.dtype), str(m.dtype))
+    dtypes = Counter(m.dtype if isinstance(m.dtype, str) else short_name(m.dtype)
                      for m in mods)
     kinds = Counter("conv3x3+" if m.kind == "conv" and m.kernel_size and tuple(m.kernel_size) != (1, 1)
                     else m.kind for m in mods)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import LoraFormatError, UnsupportedFormatError
+from .dtypes import FLOAT_CODES
 from .keys import ModuleKeys, group_keys
 from .names import Mapped, map_name, peft_relative_path
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_ALPHA = 1e6          # larger alphas only come from damaged files; their squares overflow fp32 Grams
 
 
@@ -350,7 +350,7 @@ def read_adapter_config(adapter_config) -> Optional[Dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------
 def _check_float(src: TensorSource, key: str) -> None:
     dt = src.dtypes.get(key)
-    if dt not in FLOAT_DTYPES:
+    if dt not in FLOAT_CODES:
         raise LoraFormatError(f"tensor has dtype {dt}, expected a float type", file=src.label, key=key)
 
 

@@ -10,12 +10,9 @@ import torch
 
 from ..errors import LoraFormatError
 from ..lora import Lora, LoraModule
+from .dtypes import torch_dtype
 from .keys import ModuleKeys
 from .plan import ModulePlan, PeftScale, TensorSource, plan_modules, read_adapter_config  # noqa: F401
-
-ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-DTYPE_NAMES = {v: k for k, v in ST_DTYPES.items()}
-
 
 def _finite(t: torch.Tensor, src: TensorSource, key: str) -> torch.Tensor:
     # min/max propagate NaN and show ±inf, and are ~20x faster than isfinite().all() on fp16
@@ -53,6 +50,6 @@ def build_lora(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, 
     for key, p in plan.modules.items():
         modules[key] = LoraModule(key=key, kind=p.kind, out_features=p.out_features, in_features=p.in_features,
                                   rank=p.rank, scale=p.scale, loader=_loader(src, p.group, p.out_features, p.rows),
-                                  kernel_size=p.kernel_size, source_name=p.group.name, dtype=ST_DTYPES[p.dtype])
+                                  kernel_size=p.kernel_size, source_name=p.group.name, dtype=torch_dtype(p.dtype))
     return Lora(modules=modules, format=plan.format, source=src.label, metadata=plan.metadata,
-                dtype=ST_DTYPES[plan.dtype], base_model=plan.base_model, layout=plan.layout)
+                dtype=torch_dtype(plan.dtype), base_model=plan.base_model, layout=plan.layout)

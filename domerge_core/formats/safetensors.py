@@ -25,6 +25,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import DomergeError, LoraFormatError, OutputExistsError
 from ..progress import checkpoint
+from . import dtypes
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 CONVERT_HINT = "convert it to .safetensors first (domerge never unpickles files)"
@@ -42,8 +43,7 @@ MAX_INT_DIGITS = 20                     # a JSON integer in a header never needs
 SPARSE_MIN_SIZE = 16 << 20              # files at least this large must really hold their bytes...
 SPARSE_RATIO = 8                        # ...at least 1/8 of them (holes are not LoRA data)
 
-DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+DTYPE_SIZES = dtypes.SIZES
 
 
 @dataclass(frozen=True)
@@ -336,10 +336,6 @@ def _read_header_fd(fd: int, st: os.stat_result, path: str) -> Header:
                   fingerprint=_fingerprint(st))
 
 
-_TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
-                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
-                 "U64": "uint64"}
 
 
 class LazyFile:
@@ -437,7 +433,7 @@ class LazyFile:
     def get(self, key: str):
         import torch
         t = self.info(key)
-        dt = getattr(torch, _TORCH_DTYPES[t.dtype], None)
+        dt = getattr(torch, dtypes.TORCH_NAMES[t.dtype], None)
         if dt is None:
             raise LoraFormatError(f"dtype {t.dtype} is not supported by this torch", file=self.path, key=key)
         buf = self._raw(key, t)
@@ -732,8 +728,6 @@ def atomic_write(path: str, write: Callable, *, overwrite: bool = False, inputs:
     return path
 
 
-_ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64", "int64": "I64",
-              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
 def write_safetensors(f, tensors, metadata: Optional[Dict[str, str]] = None) -> None:
@@ -750,8 +744,8 @@ def write_safetensors(f, tensors, metadata: Optional[Dict[str, str]] = None) -> 
     offset = 0
     for name in names:
         t = tensors[name]
-        dt = _ST_DTYPES.get(str(t.dtype).replace("torch.", ""))   # tensors or LazyTensors
-        if dt is None or dt in ("I64", "I32", "I16", "I8", "U8", "BOOL") and name.endswith("weight"):
+        dt = dtypes.code_of(t.dtype)             # tensors or LazyTensors
+        if dt is None or dt not in dtypes.FLOAT_CODES and name.endswith("weight"):
             from ..errors import InvalidParameterError
             raise InvalidParameterError(f"cannot write tensor {_printable(name)!r} of dtype {t.dtype}: LoRA "
                                         f"factors are written as fp16, bf16, fp32 or fp64")
@@ -784,8 +778,6 @@ def save_safetensors(tensors, path: str, metadata: Optional[Dict[str, str]] = No
                         overwrite=overwrite, inputs=inputs)
 
 
-_SCALAR_FORMATS = {"F32": "<f", "F64": "<d", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b",
-                   "U8": "<B", "U16": "<H", "U32": "<I", "U64": "<Q"}
 
 
 def read_scalar(header: Header, key: str, raw: Optional[bytes] = None) -> float:
@@ -793,7 +785,7 @@ def read_scalar(header: Header, key: str, raw: Optional[bytes] = None) -> float:
     e.g. by :meth:`LazyFile.raw`). The one rule for ``inspect`` and ``merge``: float and integer
     dtypes are read; bool and fp8 alphas are refused (no trainer writes them; loaders disagree)."""
     t = header.tensors[key]
-    if t.dtype not in _SCALAR_FORMATS and t.dtype != "BF16":
+    if t.dtype not in dtypes.SCALAR_FORMATS and t.dtype != "BF16":
         raise LoraFormatError(f"alpha stored as {t.dtype}; expected a float or integer scalar",
                               file=header.path, key=key)
     if raw is None:
@@ -808,7 +800,7 @@ def read_scalar(header: Header, key: str, raw: Optional[bytes] = None) -> float:
         if len(raw) != 2:
             raise LoraFormatError("cannot read a BF16 scalar", file=header.path, key=key)
         return struct.unpack("<f", b"\0\0" + raw[:2])[0]
-    fmt = _SCALAR_FORMATS[t.dtype]
+    fmt = dtypes.SCALAR_FORMATS[t.dtype]
     if len(raw) != struct.calcsize(fmt):
         raise LoraFormatError(f"cannot read a {t.dtype} scalar", file=header.path, key=key)
     return float(struct.unpack(fmt, raw)[0])

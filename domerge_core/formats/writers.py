@@ -148,7 +148,8 @@ def plan_state_dict(lora: Lora, format: Optional[str] = None, *, dtype: Optional
     format = format or default_format(lora)
     if format not in FORMATS:
         raise LoraFormatError(f"unknown output format {format!r}; choose one of {', '.join(FORMATS)}")
-    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    from .dtypes import FLOAT_CODES, code_of
+    if dtype is not None and code_of(dtype) not in FLOAT_CODES:
         from ..errors import InvalidParameterError
         raise InvalidParameterError(f"cannot write LoRA factors as {dtype}: choose torch.float16, bfloat16, "
                                     f"float32 or float64 (what the readers accept)", file=lora.source)
