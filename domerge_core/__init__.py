@@ -25,6 +25,7 @@ _PUBLIC = {
     "Param": "methods.registry", "MethodSpec": "methods.registry", "get_method": "methods",
     "list_methods": "methods", "method_names": "methods",
     "merge": "engine.merge", "MergeResult": "engine.result", "MergeCache": "engine.cache",
+    "check_weights": "engine.plan", "check_run_options": "engine.plan",
     "analyze": "engine.analyze", "resolve_device": "devices",
     "ProgressFn": "progress",
 }

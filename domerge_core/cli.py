@@ -157,17 +157,19 @@ def _add_method_params(ap: argparse.ArgumentParser) -> None:
 
 
 def _parse_weights(text: Optional[str], n: int) -> Optional[List[float]]:
+    """``--weights 0.8,1`` as numbers; the core's own rule (`check_weights`) judges them, before
+    any file is read."""
     if text is None:
         return None
+    import domerge_core as dc
     try:
         ws = [float(x) for x in text.replace(" ", "").split(",") if x != ""]
     except ValueError:
         raise SystemExit(_usage_error(f"--weights: expected numbers separated by commas, got {text!r}"))
-    if len(ws) != n:
-        raise SystemExit(_usage_error(f"--weights: {len(ws)} weights for {n} input files"))
-    if any(w != w or w in (float("inf"), float("-inf")) for w in ws):
-        raise SystemExit(_usage_error("--weights: weights must be finite"))
-    return ws
+    try:
+        return dc.check_weights(ws, n)
+    except dc.DomergeError as e:
+        raise SystemExit(_usage_error(f"--weights: {e}"))
 
 
 def _usage_error(msg: str) -> int:
@@ -347,12 +349,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         ap = build_parser(method_params="merge" in argv)
         args = ap.parse_args(argv)
-        if getattr(args, "rank", None) is not None and not 1 <= args.rank < 1 << 31:
-            return _usage_error("--rank must be between 1 and 2^31-1")
-        if getattr(args, "seed", None) is not None and not 0 <= args.seed < 1 << 63:
-            return _usage_error("--seed must be between 0 and 2^63-1")
-        if getattr(args, "energy", None) is not None and not (0.0 < args.energy <= 1.0):
-            return _usage_error("--energy must be in (0, 1]")
+        if getattr(args, "func", None) is cmd_merge:      # the core's rules, before any file is read
+            import domerge_core as dc
+            dc.check_run_options(args.rank, args.energy, args.seed)
         if getattr(args, "device", None) not in (None, "auto"):
             from .devices import resolve_device
             resolve_device(args.device)

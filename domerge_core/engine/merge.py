@@ -12,7 +12,6 @@ The low-rank path (``ta``, ``do``, any method with ``lowrank=True``) never build
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -24,36 +23,19 @@ from .cache import MergeCache
 from .combine import combine
 from .context import RunContext
 from .numerics import locate_linalg_failure
-from .plan import (LoraLike, Multiplier, batch_jobs, check_compatible, check_multipliers, check_weights,
-                   input_tags, load_inputs, plan_modules, sources)
+from .plan import (LoraLike, Multiplier, batch_jobs, check_compatible, check_multipliers, check_run_options,
+                   check_weights, input_tags, load_inputs, plan_modules, sources)
 from .prepare import inactive_norms, prepare
 from .result import Collector, MergeResult, merged_lora
 
 __all__ = ["merge", "MergeResult"]
 
 
-def check_output_options(rank, energy, compute_dtype, device):
-    """(rank, energy) validated; the compute dtype checked against the device."""
-    if rank is not None:
-        try:
-            ok = not isinstance(rank, bool) and float(rank) == int(rank) and 1 <= int(rank) < 1 << 31
-        except (TypeError, ValueError, OverflowError):
-            ok = False
-        if not ok:
-            raise InvalidParameterError(f"rank must be a positive integer below 2^31, not {str(rank)[:40]!r}")
-        rank = int(rank)
-    if energy is not None:
-        try:
-            energy = float(energy)
-        except (TypeError, ValueError):
-            raise InvalidParameterError(f"energy must be a number in (0, 1], not {energy!r}") from None
-        if not (0.0 < energy <= 1.0):
-            raise InvalidParameterError(f"energy must be in (0, 1], not {energy}")
+def check_compute(compute_dtype, device) -> None:
     if compute_dtype not in (torch.float32, torch.float64):
         raise InvalidParameterError(f"compute_dtype must be torch.float32 or torch.float64, not {compute_dtype}")
     if compute_dtype == torch.float64 and not supports_float64(device):
         raise InvalidParameterError(f"float64 compute is not supported on {device}")
-    return rank, energy
 
 
 def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[str, Any]] = None, *,
@@ -79,14 +61,13 @@ def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[
     from ..methods import get_method
     spec = get_method(method)
     p = spec.resolve(params)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 1 << 63:
-        raise InvalidParameterError(f"seed must be an integer in [0, 2^63), not {str(seed)[:40]!r}")
+    rank, energy, seed = check_run_options(rank, energy, seed)
     loras = load_inputs(inputs)
     check_compatible(loras)
     w = check_weights(weights, len(loras))
     mult = check_multipliers(multipliers, len(loras))
     dev = resolve_device(device)
-    rank, energy = check_output_options(rank, energy, compute_dtype, dev)
+    check_compute(compute_dtype, dev)
     jobs = plan_modules(loras, w, mult)
     batches = batch_jobs(jobs, torch.empty((), dtype=compute_dtype).element_size(), dense=not spec.lowrank)
     ctx = RunContext(spec, p, dev, compute_dtype, sources(loras), input_tags(loras), rank, energy,

@@ -7,6 +7,7 @@ weight. The input check (`check_compatible`), the module plan and the batching a
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -143,6 +144,29 @@ def check_weights(weights: Optional[Sequence[float]], n: int) -> List[float]:
     if len(w) != n:
         raise InvalidParameterError(f"{len(w)} weights given for {n} input LoRAs")
     return w
+
+
+def check_run_options(rank=None, energy=None, seed=0) -> Tuple[Optional[int], Optional[float], int]:
+    """(rank, energy, seed) validated: the output rank a positive integer below 2^31, the kept
+    energy in (0, 1], the seed an integer in [0, 2^63). The CLI calls this before reading a file."""
+    if rank is not None:
+        try:
+            ok = not isinstance(rank, bool) and float(rank) == int(rank) and 1 <= int(rank) < 1 << 31
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise InvalidParameterError(f"rank must be a positive integer below 2^31, not {str(rank)[:40]!r}")
+        rank = int(rank)
+    if energy is not None:
+        try:
+            energy = float(energy)
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidParameterError(f"energy must be a number in (0, 1], not {str(energy)[:40]!r}") from None
+        if not (0.0 < energy <= 1.0):
+            raise InvalidParameterError(f"energy must be in (0, 1], not {energy}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 1 << 63:
+        raise InvalidParameterError(f"seed must be an integer in [0, 2^63), not {str(seed)[:40]!r}")
+    return rank, energy, int(seed)
 
 
 def check_multipliers(multipliers: Optional[Sequence[Multiplier]], n: int) -> List[Multiplier]:
