@@ -195,7 +195,9 @@ def test_merge_apply_sample_save_then_stock_loader(server):
 def test_do_method_runs_in_the_server(server):
     info = server.get("/object_info")
     g = _merge_graph(info, STRENGTHS[:2], method="do", lora_prefix="e2e/do", image_prefix="e2e_do")
-    g["5"]["inputs"].update({"rank": 8, "orth_steps": 3})
+    g["5"]["inputs"].update({"rank": 8, "options": ["17", 0]})
+    g["17"] = {"class_type": "DomergeOptions_do", "inputs": dict(widget_defaults(info, "DomergeOptions_do"),
+                                                                 orth_steps=3)}
     entry = server.run(g)
     assert entry["status"]["status_str"] == "success", _messages(entry)
     assert entry["outputs"]["13"]["text"][0] == "e2e/do_00001.safetensors"
@@ -209,7 +211,7 @@ def test_bad_inputs_are_node_errors_not_crashes(server):
     assert status == 400 and "100" in body["node_errors"], body
     # a prefix leaving the loras folder: refused by the Save node's validation
     g = _merge_graph(info, STRENGTHS[:2], lora_prefix="../escape")
-    for other_output in ("12", "15"):          # leave the Save node as the only output
+    for other_output in ("12", "15", "16"):    # leave the Save node as the only output
         del g[other_output]
     status, body = server.queue(g)
     assert status == 400 and "13" in body["node_errors"], body
