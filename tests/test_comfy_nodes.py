@@ -295,23 +295,26 @@ def test_device_auto_is_comfys_device():
 
 
 @pytest.mark.parametrize("name", ["domerge_sd15.json", "domerge_sdxl.json"])
-def test_example_workflows_match_the_node_definitions(name):
-    """The UI-format examples (written by tests/comfy_support/screenshot.py through ComfyUI's own
-    front end) hold one widget value per widget input of each node as defined now; if a method
-    parameter is added, regenerate them (the web UI assigns widget values by position)."""
+def test_example_workflows_are_generated_from_the_registry(name):
+    """The committed examples are exactly what tests/comfy_support/workflows.py generates from the
+    node definitions now (method parameters and defaults from the core's registry): a changed
+    default or a new parameter fails here until `python tests/comfy_support/workflows.py` is rerun."""
     import json
 
-    wf = json.loads((runtime.REPO / "example_workflows" / name).read_text())
-    widget_kinds = ("INT", "FLOAT", "STRING", "BOOLEAN")
-    seen = set()
-    for node in wf["nodes"]:
-        cls = domerge_nodes.NODE_CLASS_MAPPINGS.get(node["type"])
-        if cls is None:
-            assert node["type"] in comfy_nodes.NODE_CLASS_MAPPINGS or node["type"] == "PreviewAny", node["type"]
-            continue
-        seen.add(node["type"])
-        spec = cls.INPUT_TYPES()
-        widgets = [k for sec in ("required", "optional") for k, d in spec.get(sec, {}).items()
-                   if isinstance(d[0], list) or d[0] in widget_kinds]
-        assert len(node.get("widgets_values") or []) == len(widgets), (node["type"], widgets)
-    assert seen == set(domerge_nodes.NODE_CLASS_MAPPINGS)
+    import domerge_core
+    from comfy_support import workflows
+
+    committed = json.loads((runtime.REPO / "example_workflows" / name).read_text())
+    assert committed == workflows.build(name), "stale example: run tests/comfy_support/workflows.py"
+    # the hand-described LoRA list matches the real node; the do options hold the registry defaults
+    real = domerge_nodes.NODE_CLASS_MAPPINGS["DomergeLoraList"].INPUT_TYPES()
+    socks, widgets = workflows.sockets_and_widgets(real)
+    assert [n for n, _ in widgets] == ["lora_name", "strength"] and [n for n, _ in socks] == ["loras", "lora_stack"]
+    opts = next(n for n in committed["nodes"] if n["type"] == "DomergeOptions_do")
+    spec = domerge_core.get_method("do")
+    assert opts["widgets_values"] == [p.default for p in spec.all_params()]
+    assert dict(zip([p.name for p in spec.all_params()], opts["widgets_values"]))["orth_gamma"] == \
+        spec.defaults()["orth_gamma"]
+    for node in committed["nodes"]:
+        assert node["type"] in domerge_nodes.NODE_CLASS_MAPPINGS or node["type"] in comfy_nodes.NODE_CLASS_MAPPINGS \
+            or node["type"] == "PreviewAny", node["type"]
