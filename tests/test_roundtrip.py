@@ -97,7 +97,13 @@ def test_written_files_change_the_image_like_the_input(tmp_path, request, lora_f
     want = tiny.image_with_lora(pipe, lora_files[name], size=32)
     assert np.abs(want - base).max() > 1e-2                 # the LoRA does something
     src = load_lora(lora_files[name])
-    for fmt in ("kohya", "diffusers"):
+    from domerge_core import FORMATS, LoraFormatError, check_loadable, loadable_formats
+    assert loadable_formats(src) == ("kohya", "diffusers")      # peft: refused for SD-family LoRAs
+    with pytest.raises(LoraFormatError, match="does not load"):
+        check_loadable(src, "peft")
+    for fmt in FORMATS:
+        if fmt not in loadable_formats(src):
+            continue
         out = save_lora(src, str(tmp_path / f"{name}.{fmt}.safetensors"), format=fmt)
         got = tiny.image_with_lora(pipe, out, size=32)
         assert np.abs(got - want).max() < 1e-4, fmt

@@ -59,7 +59,7 @@ def cosine_figure(names: Sequence[str], before, after=None) -> Figure:
     mats = [("before orthogonalization" if after is not None else "pairwise cos(ΔWᵢ, ΔWⱼ)", before)]
     if after is not None:
         mats.append(("after orthogonalization", after))
-    labels = [_short(n, 14) for n in names]
+    labels = [_short(n, 24) for n in names]
     # room for the y tick labels left of each heatmap (7 pt text, ~0.6 em per character)
     label_in = max((len(x) for x in labels), default=1) * 7 * 0.6 / 72 + 0.2
     width = (2.6 + label_in) * len(mats) + 0.9

@@ -121,7 +121,7 @@ class _Graph:
                 n["pos"] = [x, y]
                 y += n["size"][1] + 50
                 w = max(w, n["size"][0])
-            x += w + 60
+            x += w + 50
         for n in self.nodes:
             del n["_col"]
 
@@ -144,15 +144,15 @@ def build(name: str, defs: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[s
     lat = g.add("EmptyLatentImage", 5, values=[v["size"], v["size"], 1])
     ks = g.add("KSampler", 6, values=[42, "fixed", 25, 7, "euler", "normal", 1], model=(apply, 0),
                positive=(pos, 0), negative=(neg, 0), latent_image=(lat, 0))
-    dec = g.add("VAEDecode", 7, samples=(ks, 0), vae=(ckpt, 2))
-    g.add("SaveImage", 8, values=["domerge"], images=(dec, 0))
+    dec = g.add("VAEDecode", 6, samples=(ks, 0), vae=(ckpt, 2))
+    g.add("SaveImage", 6, values=["domerge"], images=(dec, 0))
     g.add("DomergeSaveLora", 4, {"filename_prefix": "domerge/merged"}, lora=(merge, 0))
     rep = g.add("DomergeMergeReport", 4, lora=(merge, 0))
     g.add("PreviewImage", 5, images=(rep, 0))
     g.add("PreviewAny", 5, values=[], source=(merge, 1))
     g.layout()
     return {"last_node_id": len(g.nodes), "last_link_id": len(g.links), "nodes": g.nodes, "links": g.links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
 
 
 def main() -> int:
