@@ -133,6 +133,10 @@ def unloadable_reason(lora: Lora, format: str) -> Optional[str]:
                     f"in diffusers' load_lora_weights for a diffusion-model LoRA ({', '.join(comps)}): "
                     f"every key would be skipped. Use 'kohya' (ComfyUI, A1111/Forge, diffusers) or "
                     f"'diffusers'")
+    if format == "kohya" and any(k.startswith("transformer.") for k in lora.modules):
+        return ("format 'kohya' writes the DiT (Flux) modules as lora_transformer_…, which ComfyUI loads but "
+                "diffusers' load_lora_weights does not load (it rejects those names); use 'diffusers' "
+                "(transformer.… lora_A/lora_B), which both load")
     return None
 
 
