@@ -69,9 +69,10 @@ class DomergeSaveLora:
                                            "tooltip": "Name inside the loras folder (subfolders allowed; "
                                                       "_00001, _00002 ... is appended)."}),
             "format": (list(domerge_core.FORMATS), {
-                "default": "kohya", "tooltip": "File layout: kohya (ComfyUI, A1111/Forge, diffusers), diffusers "
-                                              "(ComfyUI, diffusers), or peft (PEFT adapters of non-diffusion "
-                                              "models only; refused for SD/SDXL/Flux LoRAs)."}),
+                "default": "kohya", "tooltip": "File layout: kohya (SD1.x/SDXL: ComfyUI, A1111/Forge, diffusers), "
+                                              "diffusers (ComfyUI and diffusers; the one for Flux), or peft "
+                                              "(PEFT adapters of non-diffusion models only). A layout a stock "
+                                              "loader would skip is refused with the reason."}),
             "dtype": (list(OUTPUT_CHOICES), {"default": "fp16", "tooltip": "Precision of the saved factors."}),
         }}
 
