@@ -1,7 +1,7 @@
 """DO-Merge LoRAs: the list, a method from the core's registry and its parameters -> one merge() call."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Optional
 
 import torch
 
