@@ -20,6 +20,7 @@ _PUBLIC = {
     # files
     "load_lora": "formats", "load_state_dict": "formats", "to_state_dict": "formats",
     "save_lora": "formats", "default_format": "formats", "FORMATS": "formats",
+    "check_loadable": "formats.writers", "loadable_formats": "formats.writers",
     "describe": "formats.describe", "check_compatible": "engine.plan", "output_metadata": "metadata",
     # methods and merging
     "Param": "methods.registry", "MethodSpec": "methods.registry", "get_method": "methods",

@@ -1,7 +1,7 @@
 """DO-Merge LoRAs: the list, a method from the core's registry and its parameters -> one merge() call."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Optional
 
 import torch
 
@@ -10,63 +10,7 @@ import domerge_core
 from . import comfy_glue as glue
 from .lora_list import LORA_LIST, CATEGORY, entries_from_stack
 from .lora_model import MergedLora
-
-# inputs of the node itself; a method parameter with one of these names would be shadowed
-FIXED_INPUTS = ("loras", "method", "rank", "energy", "device", "merge_seed", "seed", "model", "clip", "lora_stack")
-METHOD_DEFAULT = "method default"
-
-
-def _param_input(p: domerge_core.Param, default_varies: bool, users: List[str]):
-    tip = (p.help or p.label or p.name) + f" (used by: {', '.join(users)})"
-    if p.type == "bool":
-        if default_varies:
-            return ([METHOD_DEFAULT, "on", "off"], {
-                "default": METHOD_DEFAULT, "tooltip": tip + "; 'method default' = the method's own choice"})
-        return ("BOOLEAN", {"default": bool(p.default), "tooltip": tip})
-    if p.type == "choice":
-        return (list(p.choices), {"default": p.default, "tooltip": tip})
-    kind = "INT" if p.type == "int" else "FLOAT"
-    lo = p.min if p.min is not None else (-1_000_000 if kind == "INT" else -1e6)
-    hi = p.max if p.max is not None else (1_000_000 if kind == "INT" else 1e6)
-    step = p.step if p.step is not None else (1 if kind == "INT" else 0.01)
-    opts = {"default": p.default, "min": lo, "max": hi, "step": step, "tooltip": tip}
-    if kind == "INT":
-        opts = {k: (int(v) if k in ("default", "min", "max", "step") else v) for k, v in opts.items()}
-    return (kind, opts)
-
-
-def method_param_inputs() -> Dict[str, Any]:
-    """One widget per parameter name over all registered methods (a new method shows up here
-    without edits); a bool whose default differs between methods gets 'method default'/on/off."""
-    specs = domerge_core.list_methods()
-    first: Dict[str, domerge_core.Param] = {}
-    defaults: Dict[str, set] = {}
-    users: Dict[str, List[str]] = {}
-    for spec in specs:
-        for p in spec.all_params():
-            if p.name in FIXED_INPUTS:
-                continue
-            first.setdefault(p.name, p)
-            defaults.setdefault(p.name, set()).add(repr(p.default))
-            users.setdefault(p.name, []).append(spec.name)
-    return {name: _param_input(p, len(defaults[name]) > 1, users[name]) for name, p in first.items()}
-
-
-def method_params(method: str, widgets: Dict[str, Any]) -> Dict[str, Any]:
-    """The widget values the chosen method declares ('method default' leaves the core's default)."""
-    spec = domerge_core.get_method(method)
-    out = {}
-    for p in spec.all_params():
-        if p.name not in widgets:
-            continue
-        v = widgets[p.name]
-        if v == METHOD_DEFAULT:
-            continue
-        if p.type == "bool" and v in ("on", "off"):
-            v = v == "on"
-        out[p.name] = v
-    return out
-
+from .options_node import OPTIONS, method_params
 
 def report_text(result, entries, aligner: Optional[glue.KeyAligner], rank, energy, device) -> str:
     lines = [f"DO-Merge: method {result.method} on {device}, {len(result.lora)} modules"]
@@ -121,23 +65,24 @@ class DomergeMergeLoras:
             "merge_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                                    "tooltip": "Seed for random choices (DARE's drops, randomized SVD)."}),
         }
-        required.update(method_param_inputs())
         return {
             "required": required,
             "optional": {
                 "model": ("MODEL", {"tooltip": "Optional: align UNet/DiT modules through this model's key map."}),
                 "clip": ("CLIP", {"tooltip": "Optional: align text-encoder modules through this CLIP's key map."}),
                 "lora_stack": ("LORA_STACK", {"tooltip": "Optional community LORA_STACK appended to the list."}),
+                "options": (OPTIONS, {"tooltip": "Optional: the method's parameters from a 'Merge options' "
+                                                 "node of the same method; none = the method's defaults."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def merge(self, loras, method, rank, energy, device, merge_seed, model=None, clip=None, lora_stack=None,
-              unique_id=None, **widgets):
+              options=None, unique_id=None):
         entries = list(loras or []) + entries_from_stack(lora_stack)
         if not entries:
             raise glue.NodeInputError("no LoRAs to merge: connect a 'LoRA list'")
-        params = method_params(method, widgets)
+        params = method_params(method, options)
         inputs = [domerge_core.load_lora(glue.lora_path(e["name"])) for e in entries]
         aligner = None
         if model is not None or clip is not None:

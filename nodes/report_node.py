@@ -1,4 +1,9 @@
-"""LoRA Merge Report: the merge's diagnostics as an IMAGE (matplotlib) and as text."""
+"""LoRA Merge Report: the merge's diagnostics as an IMAGE (matplotlib) and as text.
+
+matplotlib is in the pack's requirements.txt (ComfyUI itself does not install it); without it the
+node still runs: the text output is complete and the image is a blank tile, with a one-line hint in
+the text, so a workflow never stops before the sampler for a missing chart library.
+"""
 from __future__ import annotations
 
 
@@ -7,6 +12,18 @@ import torch
 
 from . import comfy_glue as glue
 from .lora_list import CATEGORY
+
+
+PLOT_HINT = ("(charts need matplotlib: run `pip install -r requirements.txt` in the comfyui-domerge "
+             "folder with ComfyUI's python, or install matplotlib, then restart ComfyUI)")
+
+
+def can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401  (imported when the node runs, never at ComfyUI start-up)
+    except ImportError:
+        return False
+    return True
 
 
 def render(report: dict) -> np.ndarray:
@@ -45,6 +62,10 @@ class DomergeMergeReport:
         if result is None:
             raise glue.NodeInputError("this LORA_MODEL carries no merge diagnostics: connect the "
                                       "'lora' output of 'DO-Merge LoRAs' directly")
-        img = torch.from_numpy(render(result.report)).unsqueeze(0)
         text = (getattr(lora, "text", "") + "\n\n" + report_lines(result.report)).strip()
+        if can_plot():
+            img = torch.from_numpy(render(result.report)).unsqueeze(0)
+        else:
+            img = torch.ones((1, 64, 64, 3), dtype=torch.float32)
+            text = text + "\n" + PLOT_HINT
         return (img, text)

@@ -69,7 +69,10 @@ class DomergeSaveLora:
                                            "tooltip": "Name inside the loras folder (subfolders allowed; "
                                                       "_00001, _00002 ... is appended)."}),
             "format": (list(domerge_core.FORMATS), {
-                "default": "kohya", "tooltip": "File layout: kohya (A1111/Forge/ComfyUI), diffusers, or peft."}),
+                "default": "kohya", "tooltip": "File layout: kohya (SD1.x/SDXL: ComfyUI, A1111/Forge, diffusers), "
+                                              "diffusers (ComfyUI and diffusers; the one for Flux), or peft "
+                                              "(PEFT adapters of non-diffusion models only). A layout a stock "
+                                              "loader would skip is refused with the reason."}),
             "dtype": (list(OUTPUT_CHOICES), {"default": "fp16", "tooltip": "Precision of the saved factors."}),
         }}
 
@@ -86,9 +89,13 @@ class DomergeSaveLora:
     def save(self, lora, filename_prefix, format, dtype):
         full, listed = output_path(filename_prefix)
         result = getattr(lora, "result", None)
+        src = result.lora if result is not None else domerge_core.load_state_dict(dict(lora), source="LORA_MODEL")
+        try:       # a layout the stock loaders would skip is refused, not written
+            domerge_core.check_loadable(src, format)
+        except domerge_core.LoraFormatError as e:
+            raise glue.NodeInputError(str(e)) from None
         if result is not None:
             result.save(full, format=format, dtype=torch_dtype(dtype), overwrite=False)
         else:      # a plain LORA_MODEL (e.g. TrainLoraNode's): read through the core, write the same way
-            src = domerge_core.load_state_dict(dict(lora), source="LORA_MODEL")
             domerge_core.save_lora(src, full, format=format, dtype=torch_dtype(dtype), overwrite=False)
         return {"ui": {"text": [listed]}, "result": (listed,)}

@@ -65,6 +65,7 @@ def _sampling(ckpt, model, clip, prefix, seed=7):
             "positive": ["7", 0], "negative": ["8", 0], "latent_image": ["9", 0], "denoise": 1.0}},
         "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": [ckpt, 2]}},
         "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": prefix}},
+        "16": {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": prefix}},
     }
 
 
@@ -110,6 +111,22 @@ def _image(server, entry, node="12"):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
+def _latent(server, entry, node="16"):
+    """The sampled latent in float (exact; the 8-bit image hides small differences)."""
+    lat = entry["outputs"][node]["latents"][0]
+    path = server.base / "output" / lat["subfolder"] / lat["filename"]
+    return load_file(str(path))["latent_tensor"].to(torch.float64)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# merged vs chained stock loaders: equal up to float16 file rounding and sampler noise; the
+# breakage checks below show a 0.9x strength on one LoRA lands far outside this
+SAME = 2e-3
+
+
 def _messages(entry):
     return " ".join(str(m) for m in entry["status"].get("messages", []))
 
@@ -146,12 +163,28 @@ def test_merge_apply_sample_save_then_stock_loader(server):
     ref = server.run(_stock_graph([(n if "peft" not in n else "ref_peft_c.safetensors", s)
                                    for n, s in STRENGTHS], "e2e_ref"))
     assert ref["status"]["status_str"] == "success", _messages(ref)
+    lat_a, lat_ref = _latent(server, a), _latent(server, ref)
+    assert _rel(lat_a, lat_ref) < SAME, _rel(lat_a, lat_ref)
     diff = np.abs(_image(server, ref) - img_a)
     assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+
+    # the comparison can fail: no LoRA at all is far from the LoRA'd result (image and latent) ...
+    base = server.run(_stock_graph([], "e2e_base"))
+    assert base["status"]["status_str"] == "success", _messages(base)
+    lat_base = _latent(server, base)
+    assert float(lat_base.abs().max()) > 0.1, "the tiny UNet outputs zeros: the fixture is broken"
+    assert _rel(lat_base, lat_ref) > 0.05, _rel(lat_base, lat_ref)
+    assert np.abs(_image(server, base) - img_a).mean() > 5.0
+    # ... and a merge with one LoRA at 0.9x its strength fails the merged-vs-chained check
+    wrong = [(n, s * 0.9 if i == 0 else s) for i, (n, s) in enumerate(STRENGTHS)]
+    w = server.run(_merge_graph(info, wrong, lora_prefix="e2e/wrong", image_prefix="e2e_wrong"))
+    assert w["status"]["status_str"] == "success", _messages(w)
+    assert _rel(_latent(server, w), lat_ref) > 10 * SAME, _rel(_latent(server, w), lat_ref)
 
     # (b) stock LoraLoader loads the saved merged file and samples again -> same picture
     b = server.run(_stock_graph([(saved, 1.0)], "e2e_b"))
     assert b["status"]["status_str"] == "success", _messages(b)
+    assert _rel(_latent(server, b), lat_ref) < SAME, _rel(_latent(server, b), lat_ref)
     diff_b = np.abs(_image(server, b) - img_a)
     assert diff_b.mean() < 0.5 and diff_b.max() <= 8, (diff_b.mean(), diff_b.max())
 
@@ -162,7 +195,9 @@ def test_merge_apply_sample_save_then_stock_loader(server):
 def test_do_method_runs_in_the_server(server):
     info = server.get("/object_info")
     g = _merge_graph(info, STRENGTHS[:2], method="do", lora_prefix="e2e/do", image_prefix="e2e_do")
-    g["5"]["inputs"].update({"rank": 8, "orth_steps": 3})
+    g["5"]["inputs"].update({"rank": 8, "options": ["17", 0]})
+    g["17"] = {"class_type": "DomergeOptions_do", "inputs": dict(widget_defaults(info, "DomergeOptions_do"),
+                                                                 orth_steps=3)}
     entry = server.run(g)
     assert entry["status"]["status_str"] == "success", _messages(entry)
     assert entry["outputs"]["13"]["text"][0] == "e2e/do_00001.safetensors"
@@ -176,7 +211,7 @@ def test_bad_inputs_are_node_errors_not_crashes(server):
     assert status == 400 and "100" in body["node_errors"], body
     # a prefix leaving the loras folder: refused by the Save node's validation
     g = _merge_graph(info, STRENGTHS[:2], lora_prefix="../escape")
-    for other_output in ("12", "15"):          # leave the Save node as the only output
+    for other_output in ("12", "15", "16"):    # leave the Save node as the only output
         del g[other_output]
     status, body = server.queue(g)
     assert status == 400 and "13" in body["node_errors"], body

@@ -54,13 +54,25 @@ def _chain_stock(model, clip, names_strengths):
     return model, clip
 
 
+def _defaults(node_id):
+    req = domerge_nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["required"]
+    return {k: v[1]["default"] for k, v in req.items() if isinstance(v[1], dict) and "default" in v[1]}
+
+
 def _merge(loras, method="ta", model=None, clip=None, **kw):
+    """The merge node with its widget defaults; keywords that are not its own inputs go through the
+    method's 'Merge options' node, as in the web UI."""
     node = domerge_nodes.NODE_CLASS_MAPPINGS["DomergeMergeLoras"]()
-    widgets = {k: v[1]["default"] for k, v in
-               domerge_nodes.NODE_CLASS_MAPPINGS["DomergeMergeLoras"].INPUT_TYPES()["required"].items()
-               if k not in ("loras", "method") and isinstance(v[1], dict) and "default" in v[1]}
-    widgets.update(kw)
-    return node.merge(loras, method, model=model, clip=clip, **widgets)
+    widgets = {k: v for k, v in _defaults("DomergeMergeLoras").items() if k not in ("loras", "method")}
+    own = {k: v for k, v in kw.items() if k in widgets}
+    widgets.update(own)
+    options = None
+    if set(kw) - set(own):
+        opt_id = f"DomergeOptions_{method}"
+        values = _defaults(opt_id)
+        values.update({k: v for k, v in kw.items() if k not in own})
+        (options,) = domerge_nodes.NODE_CLASS_MAPPINGS[opt_id]().build(**values)
+    return node.merge(loras, method, model=model, clip=clip, options=options, **widgets)
 
 
 def _list(*items):
@@ -77,22 +89,47 @@ def _rel(a, b):
 
 def test_every_node_is_registered_with_tooltips(folders):
     m = domerge_nodes.NODE_CLASS_MAPPINGS
+    import domerge_core
+
+    options = {f"DomergeOptions_{s.name}" for s in domerge_core.list_methods()}
     assert set(m) == set(domerge_nodes.NODE_DISPLAY_NAME_MAPPINGS) == {
-        "DomergeLoraList", "DomergeMergeLoras", "DomergeApplyLora", "DomergeSaveLora", "DomergeMergeReport"}
+        "DomergeLoraList", "DomergeMergeLoras", "DomergeApplyLora", "DomergeSaveLora", "DomergeMergeReport"} | options
     for name, cls in m.items():
-        assert cls.CATEGORY == "loaders/domerge"
+        assert cls.CATEGORY == ("loaders/domerge/options" if name in options else "loaders/domerge")
         assert cls.DESCRIPTION and len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
         spec = cls.INPUT_TYPES()
         for section in ("required", "optional"):
             for inp, decl in spec.get(section, {}).items():
                 assert len(decl) == 2 and decl[1].get("tooltip"), f"{name}.{inp} has no tooltip"
-    merge_inputs = m["DomergeMergeLoras"].INPUT_TYPES()["required"]
-    import domerge_core
-    for s in domerge_core.list_methods():            # every registry parameter is a widget
-        for p in s.all_params():
-            assert p.name in merge_inputs
-    assert merge_inputs["decouple"][0] == ["method default", "on", "off"]   # do: on, ta: off
     assert "tiny_kohya_a.safetensors" in m["DomergeLoraList"].INPUT_TYPES()["required"]["lora_name"][0]
+
+
+def test_each_method_shows_only_its_own_parameters(folders):
+    """The merge node carries no method parameters; each registered method has an options node with
+    exactly its registry parameters and defaults (do: no density / drop_rate / sign_method)."""
+    import domerge_core
+
+    m = domerge_nodes.NODE_CLASS_MAPPINGS
+    merge_inputs = set(m["DomergeMergeLoras"].INPUT_TYPES()["required"])
+    assert merge_inputs == {"loras", "method", "rank", "energy", "device", "merge_seed"}
+    for spec in domerge_core.list_methods():
+        req = m[f"DomergeOptions_{spec.name}"].INPUT_TYPES()["required"]
+        assert list(req) == [p.name for p in spec.all_params()]
+        assert {k: v[1]["default"] for k, v in req.items()} == spec.defaults()
+    do = m["DomergeOptions_do"].INPUT_TYPES()["required"]
+    assert not {"density", "drop_rate", "sign_method"} & set(do) and do["decouple"][1]["default"] is True
+    assert {"density", "sign_method"} <= set(m["DomergeOptions_ties"].INPUT_TYPES()["required"])
+    # options of another method: refused with both names
+    (opts,) = m["DomergeOptions_ties"]().build(**_defaults("DomergeOptions_ties"))
+    with pytest.raises(comfy_glue.NodeInputError, match="'ties'.*'do'"):
+        m["DomergeMergeLoras"]().merge(_list(("tiny_kohya_a.safetensors", 1.0)), "do", options=opts,
+                                       **{k: v for k, v in _defaults("DomergeMergeLoras").items()
+                                          if k not in ("loras", "method")})
+    # the options reach the core: ties at density 0.2 is not ties at 0.9
+    a, _ = _merge(_list(("tiny_kohya_a.safetensors", 1.0), ("tiny_kohya_b.safetensors", 1.0)), "ties", density=0.2)
+    b, _ = _merge(_list(("tiny_kohya_a.safetensors", 1.0), ("tiny_kohya_b.safetensors", 1.0)), "ties", density=0.9)
+    assert a.result.params["density"] == 0.2 and b.result.params["density"] == 0.9
+    assert any(dict(a)[k].shape != dict(b)[k].shape or not torch.equal(dict(a)[k], dict(b)[k]) for k in dict(a))
 
 
 def test_lora_list_chains_takes_lora_stack_and_refuses_unknown_names(folders):
@@ -222,6 +259,22 @@ def test_report_node_draws_an_image(folders):
         domerge_nodes.NODE_CLASS_MAPPINGS["DomergeMergeReport"]().report({"a": torch.zeros(1)})
 
 
+def test_report_node_without_matplotlib_reports_text(folders, monkeypatch):
+    """ComfyUI does not install matplotlib: the report node must not stop the graph, it reports as
+    text with a one-line hint (requirements.txt names matplotlib for ComfyUI-Manager)."""
+    import sys
+
+    merged, _ = _merge(_list(("tiny_kohya_a.safetensors", 1.0), ("tiny_kohya_b.safetensors", 1.0)), "ta")
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # `import matplotlib` -> ImportError
+    img, text = domerge_nodes.NODE_CLASS_MAPPINGS["DomergeMergeReport"]().report(merged)
+    assert img.shape == (1, 64, 64, 3) and "tiny_kohya_a" in text
+    assert text.splitlines()[-1].startswith("(charts need matplotlib")
+    req = (runtime.REPO / "requirements.txt").read_text().splitlines()
+    assert any(line.startswith("matplotlib") for line in req)
+
+
 def test_progress_bar_advances_and_cancel_stops_the_merge(folders):
     calls = []
     comfy.utils.set_progress_bar_global_hook(lambda v, total, preview, node_id=None: calls.append((v, total)))
@@ -242,23 +295,26 @@ def test_device_auto_is_comfys_device():
 
 
 @pytest.mark.parametrize("name", ["domerge_sd15.json", "domerge_sdxl.json"])
-def test_example_workflows_match_the_node_definitions(name):
-    """The UI-format examples (written by tests/comfy_support/screenshot.py through ComfyUI's own
-    front end) hold one widget value per widget input of each node as defined now; if a method
-    parameter is added, regenerate them (the web UI assigns widget values by position)."""
+def test_example_workflows_are_generated_from_the_registry(name):
+    """The committed examples are exactly what tests/comfy_support/workflows.py generates from the
+    node definitions now (method parameters and defaults from the core's registry): a changed
+    default or a new parameter fails here until `python tests/comfy_support/workflows.py` is rerun."""
     import json
 
-    wf = json.loads((runtime.REPO / "example_workflows" / name).read_text())
-    widget_kinds = ("INT", "FLOAT", "STRING", "BOOLEAN")
-    seen = set()
-    for node in wf["nodes"]:
-        cls = domerge_nodes.NODE_CLASS_MAPPINGS.get(node["type"])
-        if cls is None:
-            assert node["type"] in comfy_nodes.NODE_CLASS_MAPPINGS or node["type"] == "PreviewAny", node["type"]
-            continue
-        seen.add(node["type"])
-        spec = cls.INPUT_TYPES()
-        widgets = [k for sec in ("required", "optional") for k, d in spec.get(sec, {}).items()
-                   if isinstance(d[0], list) or d[0] in widget_kinds]
-        assert len(node.get("widgets_values") or []) == len(widgets), (node["type"], widgets)
-    assert seen == set(domerge_nodes.NODE_CLASS_MAPPINGS)
+    import domerge_core
+    from comfy_support import workflows
+
+    committed = json.loads((runtime.REPO / "example_workflows" / name).read_text())
+    assert committed == workflows.build(name), "stale example: run tests/comfy_support/workflows.py"
+    # the hand-described LoRA list matches the real node; the do options hold the registry defaults
+    real = domerge_nodes.NODE_CLASS_MAPPINGS["DomergeLoraList"].INPUT_TYPES()
+    socks, widgets = workflows.sockets_and_widgets(real)
+    assert [n for n, _ in widgets] == ["lora_name", "strength"] and [n for n, _ in socks] == ["loras", "lora_stack"]
+    opts = next(n for n in committed["nodes"] if n["type"] == "DomergeOptions_do")
+    spec = domerge_core.get_method("do")
+    assert opts["widgets_values"] == [p.default for p in spec.all_params()]
+    assert dict(zip([p.name for p in spec.all_params()], opts["widgets_values"]))["orth_gamma"] == \
+        spec.defaults()["orth_gamma"]
+    for node in committed["nodes"]:
+        assert node["type"] in domerge_nodes.NODE_CLASS_MAPPINGS or node["type"] in comfy_nodes.NODE_CLASS_MAPPINGS \
+            or node["type"] == "PreviewAny", node["type"]

@@ -97,7 +97,13 @@ def test_written_files_change_the_image_like_the_input(tmp_path, request, lora_f
     want = tiny.image_with_lora(pipe, lora_files[name], size=32)
     assert np.abs(want - base).max() > 1e-2                 # the LoRA does something
     src = load_lora(lora_files[name])
-    for fmt in ("kohya", "diffusers"):
+    from domerge_core import FORMATS, LoraFormatError, check_loadable, loadable_formats
+    assert loadable_formats(src) == ("kohya", "diffusers")      # peft: refused for SD-family LoRAs
+    with pytest.raises(LoraFormatError, match="does not load"):
+        check_loadable(src, "peft")
+    for fmt in FORMATS:
+        if fmt not in loadable_formats(src):
+            continue
         out = save_lora(src, str(tmp_path / f"{name}.{fmt}.safetensors"), format=fmt)
         got = tiny.image_with_lora(pipe, out, size=32)
         assert np.abs(got - want).max() < 1e-4, fmt
@@ -148,3 +154,45 @@ def test_mixed_rank_merge_written_as_kohya_loads_at_the_right_scale_in_diffusers
         assert f.metadata()["ss_network_dim"] == "Dynamic"
     assert alphas == {4.0}
     assert_matches_diffusers(sd1_pipe, out, merged)
+
+
+@needs_diffusers
+def test_flux_layouts_load_into_diffusers_or_are_refused(tmp_path):
+    """A Flux (DiT) LoRA: 'diffusers' loads into diffusers' FluxTransformer2DModel with every module
+    and the same updates; 'kohya' (lora_transformer_… names, rejected by diffusers) and 'peft' are
+    refused with the reason (ComfyUI's side: tests/test_comfy_formats.py)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft.tuners.lora import LoraLayer
+
+    from domerge_core import LoraFormatError, check_loadable, load_state_dict, loadable_formats
+
+    def tiny():
+        torch.manual_seed(0)
+        return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                      pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+
+    tr = tiny()
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    targets = [n for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.startswith(("transformer_blocks.0.", "single_transformer_blocks.0."))]
+    for n in targets:
+        w = tr.get_submodule(n).weight
+        sd[f"transformer.{n}.lora_A.weight"] = torch.randn(4, w.shape[1], generator=g) * 0.1
+        sd[f"transformer.{n}.lora_B.weight"] = torch.randn(w.shape[0], 4, generator=g) * 0.1
+    src = load_state_dict(sd, source="flux_tiny")
+    assert loadable_formats(src) == ("diffusers",)
+    for fmt in ("kohya", "peft"):
+        with pytest.raises(LoraFormatError, match="does not load"):
+            check_loadable(src, fmt)
+    out = save_lora(src, str(tmp_path / "flux.diffusers.safetensors"), format="diffusers")
+    state = FluxPipeline.lora_state_dict(out)
+    state = state[0] if isinstance(state, tuple) else state
+    tr2 = tiny()
+    tr2.load_lora_adapter(state, prefix="transformer", adapter_name="x")
+    layers = {n: m for n, m in tr2.named_modules() if isinstance(m, LoraLayer)}
+    assert set(layers) == set(targets)
+    for n, m in layers.items():
+        want = src["transformer." + n].delta()
+        assert rel_err(m.get_delta_weight("x").double(), want) < 1e-5, n

@@ -332,6 +332,21 @@ def test_live_mode_fires_by_itself(lora_dir):
 # ------------------------------------------------------------------------------------------------
 # saving
 # ------------------------------------------------------------------------------------------------
+def test_save_refuses_a_layout_that_would_load_as_nothing(lora_dir, tmp_path):
+    """peft names (base_model.model.…) load in neither ComfyUI nor diffusers for an SD LoRA: the
+    panel refuses that format with the reason instead of writing a file that does nothing."""
+    p = MergePanel(folder=str(lora_dir), output_dir=str(tmp_path), background=False, method="ta")
+    p.merge_button.click()
+    p.save_name.value = "out.safetensors"
+    p.save_format.value = "peft"
+    p.save_button.click()
+    assert p.last_error and "format 'peft'" in p.last_error and "kohya" in p.last_error
+    assert os.listdir(tmp_path) == []
+    p.save_format.value = "diffusers"
+    p.save_button.click()
+    assert p.last_error is None and (tmp_path / "out.safetensors").is_file()
+
+
 def test_save_refuses_overwrite_and_reports_it(lora_dir, tmp_path):
     p = MergePanel(folder=str(lora_dir), output_dir=str(tmp_path), background=False, method="ta")
     p.save_button.click()

@@ -474,8 +474,9 @@ class MergePanel:
             return None
         path = name if os.path.isabs(name) else os.path.join(self.output_dir, name)
         try:
-            written = self.result.save(path, format=self.save_format.value or None,
-                                       overwrite=bool(self.overwrite.value))
+            # a layout the stock loaders would skip (peft for an SD/SDXL/Flux LoRA) is refused
+            fmt = core.check_loadable(self.result.lora, self.save_format.value or None)
+            written = self.result.save(path, format=fmt, overwrite=bool(self.overwrite.value))
         except core.DomergeError as e:
             self._fail(str(e))
             return None

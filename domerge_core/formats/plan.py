@@ -482,6 +482,9 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             modules[key] = ModulePlan(key=key, kind="conv" if kernel else "linear",
                                       out_features=rows[1] - rows[0] if rows else out_f, in_features=in_f,
                                       rank=rank, scale=scale, kernel_size=kernel, group=g, rows=rows, dtype=dt)
+    if formats.get("diffusers") and formats.get("diffusers_old"):
+        # diffusers files written for ComfyUI too keep the UNet in attention-processor names
+        formats["diffusers"] += formats.pop("diffusers_old")
     fmt = formats.most_common(1)[0][0]
     layout.setdefault("format", {"comfy": "kohya", "diffusers_old": "diffusers"}.get(fmt, fmt))
     base = guess_base_model(metadata, layout, {k: m.in_features for k, m in modules.items()}, bases)

@@ -83,11 +83,76 @@ def kohya_module_name(key: str, lora: Lora) -> str:
                           f"write it with format 'peft'", file=lora.source, key=key)
 
 
+_ATTN_OLD = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}
+
+
+def diffusers_unet_names(key: str) -> Optional[Tuple[str, str]]:
+    """(up key, down key) of a UNet module (SD1.x/SDXL) in the diffusers layout both ComfyUI's stock
+    LoraLoader and diffusers' ``load_lora_weights`` read completely, else None.
+
+    ComfyUI's key map knows UNet attention only under the attention-processor names
+    (``…attn1.processor.to_q``, ``…processor.to_out``), so ``unet.…attn1.to_q.lora_A.weight`` is
+    skipped there ("lora key not loaded"). diffusers converts the processor layout (``_lora.up``,
+    ``.lora.up``, ``.processor.``) when the file's first UNet key is not ``lora_A``, so the whole UNet
+    is written in it: attention as ``…processor.to_q_lora.up.weight``, the rest as ``….lora.up.weight``.
+    """
+    comp, path = key.split(".", 1)
+    if comp != "unet":
+        return None
+    head, _, last = path.rpartition(".")
+    if path.endswith(".to_out.0"):
+        head, last = path[: -len(".to_out.0")], "to_out.0"
+    if last in _ATTN_OLD and head.rsplit(".", 1)[-1].startswith("attn"):
+        base = f"unet.{head}.processor.{_ATTN_OLD[last]}_lora"
+    else:
+        base = f"unet.{path}.lora"
+    return base + ".up.weight", base + ".down.weight"
+
+
 def diffusers_module_name(key: str, lora: Lora) -> str:
     comp, path = key.split(".", 1)
     if comp == "model":
         return "base_model.model." + path
     return key
+
+
+# components whose loaders (ComfyUI's LoraLoader, diffusers' load_lora_weights) know no PEFT
+# ``base_model.model.`` names: a "peft" file of them loads as nothing there
+DIFFUSION_COMPONENTS = ("unet", "transformer", "prior", "diffusion_model", "text_encoder", "text_encoder_2",
+                        "text_encoder_3", "text_encoders")
+
+
+def unloadable_reason(lora: Lora, format: str) -> Optional[str]:
+    """Why a file of ``lora`` in ``format`` would not load in ComfyUI's stock loader or diffusers'
+    ``load_lora_weights`` (None: it loads in both). The save surfaces (ComfyUI node, panel, CLI)
+    refuse such a format instead of writing a file that silently does nothing."""
+    if format == "peft":
+        comps = sorted({k.split(".", 1)[0] for k in lora.modules} & set(DIFFUSION_COMPONENTS))
+        if comps:
+            return (f"format 'peft' (base_model.model.… names) does not load in ComfyUI's LoRA loaders nor "
+                    f"in diffusers' load_lora_weights for a diffusion-model LoRA ({', '.join(comps)}): "
+                    f"every key would be skipped. Use 'kohya' (ComfyUI, A1111/Forge, diffusers) or "
+                    f"'diffusers'")
+    if format == "kohya" and any(k.startswith("transformer.") for k in lora.modules):
+        return ("format 'kohya' writes the DiT (Flux) modules as lora_transformer_…, which ComfyUI loads but "
+                "diffusers' load_lora_weights does not load (it rejects those names); use 'diffusers' "
+                "(transformer.… lora_A/lora_B), which both load")
+    return None
+
+
+def check_loadable(lora: Lora, format: Optional[str]) -> str:
+    """``format`` (None: the LoRA's default) if `unloadable_reason` has nothing against it, else
+    raises :class:`LoraFormatError` with the reason."""
+    format = format or default_format(lora)
+    why = unloadable_reason(lora, format)
+    if why:
+        raise LoraFormatError(why, file=lora.source)
+    return format
+
+
+def loadable_formats(lora: Lora) -> Tuple[str, ...]:
+    """The FORMATS a file of ``lora`` can be written in and load completely."""
+    return tuple(f for f in FORMATS if unloadable_reason(lora, f) is None)
 
 
 def peft_module_name(key: str, lora: Lora) -> str:
@@ -191,6 +256,8 @@ def plan_state_dict(lora: Lora, format: Optional[str] = None, *, dtype: Optional
         ranks[m.rank] += 1
         if format == "kohya":
             up_key, down_key = name + ".lora_up.weight", name + ".lora_down.weight"
+        elif format == "diffusers" and diffusers_unet_names(m.key):
+            up_key, down_key = diffusers_unet_names(m.key)
         else:
             up_key, down_key = name + ".lora_B.weight", name + ".lora_A.weight"
         if up_key in plan:

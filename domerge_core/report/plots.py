@@ -8,6 +8,7 @@ pyplot: thread-safe (the panel merges on a worker thread) and free of any notebo
 from __future__ import annotations
 
 import io
+import re
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
-MAX_TICK_LABELS = 18      # text is most of a figure's drawing time: label every k-th block only
+MAX_TICK_LABELS = 24      # text is most of a figure's drawing time: label every k-th block only
 
 
 def new_figure(width: float = 6.4, height: float = 3.2) -> Figure:
@@ -58,10 +59,14 @@ def cosine_figure(names: Sequence[str], before, after=None) -> Figure:
     mats = [("before orthogonalization" if after is not None else "pairwise cos(ΔWᵢ, ΔWⱼ)", before)]
     if after is not None:
         mats.append(("after orthogonalization", after))
-    fig = new_figure(3.4 * len(mats) + 0.8, 3.3)
-    fig.subplots_adjust(left=0.16 / len(mats), right=0.9, top=0.9, bottom=0.28, wspace=0.55)
+    labels = [_short(n, 24) for n in names]
+    # room for the y tick labels left of each heatmap (7 pt text, ~0.6 em per character)
+    label_in = max((len(x) for x in labels), default=1) * 7 * 0.6 / 72 + 0.2
+    width = (2.6 + label_in) * len(mats) + 0.9
+    fig = new_figure(width, 3.3)
+    fig.subplots_adjust(left=label_in / width, right=1 - 0.9 / width, top=0.9,
+                        bottom=min(0.45, (label_in * 0.75 + 0.15) / 3.3), wspace=label_in / 2.6 + 0.15)
     axes = fig.subplots(1, len(mats), squeeze=False)[0]
-    labels = [_short(n, 14) for n in names]
     im = None
     for ax, (title, m) in zip(axes, mats):
         m = np.asarray(m, dtype=float)
@@ -103,6 +108,37 @@ _BLOCK_WORDS = (("text_encoder_2.text_model.encoder.layers.", "te2.L"), ("text_e
                 ("resnets.", "res."))
 
 
+_COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoders", "prior", "unet",
+                    "transformer", "diffusion_model")
+_STAGE_ORDER = ("conv_in", "time_embedding", "add_embedding", "down_blocks", "input_blocks", "mid_block",
+                "middle_block", "up_blocks", "output_blocks", "conv_norm_out", "conv_out", "x_embedder",
+                "img_in", "context_embedder", "txt_in", "time_text_embed", "time_in", "vector_in",
+                "transformer_blocks", "double_blocks", "single_transformer_blocks", "single_blocks",
+                "norm_out", "final_layer", "proj_out")
+_SUB_ORDER = {"resnets": 0, "attentions": 1, "downsamplers": 2, "upsamplers": 2}
+
+
+def block_order_key(block: str):
+    """Sort key putting blocks in model order: text encoders, then the UNet (down, mid, up) or the
+    DiT (double, single), numbers numerically (te.L2 before te.L11), resnet before attention."""
+    comp, _, rest = str(block).partition(".")
+    c = _COMPONENT_ORDER.index(comp) if comp in _COMPONENT_ORDER else len(_COMPONENT_ORDER)
+    parts = [p for p in re.split(r"\.", rest) if p]
+    stage = parts[0] if parts else ""
+    st = _STAGE_ORDER.index(stage) if stage in _STAGE_ORDER else len(_STAGE_ORDER)
+    nat = []
+    i = 1
+    while i < len(parts):
+        p = parts[i]
+        if p in _SUB_ORDER and i + 1 < len(parts) and parts[i + 1].isdigit():
+            nat.append((0, int(parts[i + 1]), _SUB_ORDER[p], ""))      # resnets.0, attentions.0, resnets.1
+            i += 2
+            continue
+        nat.append((0, int(p), 0, "") if p.isdigit() else (1, 0, 0, p))
+        i += 1
+    return (c, comp, st, stage, tuple(nat))
+
+
 def block_label(block: str) -> str:
     """A short tick label for a block name from the core ("unet.down_blocks.1" -> "down.1",
     "text_encoder_2.text_model.encoder.layers.7" -> "te2.L7")."""
@@ -136,7 +172,7 @@ def plot_data(report: Dict, names: Optional[Sequence[str]] = None) -> List[tuple
     out: List[tuple] = []
     blocks = diag.get("blocks") or {}
     if blocks and names:
-        bnames = list(blocks)
+        bnames = sorted(blocks, key=block_order_key)
         norms = [[abs(weights[i]) * float(blocks[b]["update_norms"][i]) for b in bnames] for i in range(len(names))]
         out.append(("block_norms", block_norms_figure,
                     dict(names=names, blocks=[block_label(b) for b in bnames], norms=norms,

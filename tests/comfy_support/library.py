@@ -6,6 +6,7 @@ ModelPatcher's patches into one weight exactly as ComfyUI does at sampling time.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -15,8 +16,10 @@ import torch
 
 from . import runtime, tiny_sd15
 
-_CKPT = runtime.CACHE / "tiny_sd15" / "tiny_sd15.safetensors"
-_LORAS = runtime.CACHE / "tiny_sd15" / "loras"
+# the cache folder is keyed by the fixture's source, so a change to tiny_sd15.py rebuilds the files
+_FIXTURE_ID = hashlib.sha256(Path(tiny_sd15.__file__).read_bytes()).hexdigest()[:12]
+_CKPT = runtime.CACHE / f"tiny_sd15-{_FIXTURE_ID}" / "tiny_sd15.safetensors"
+_LORAS = runtime.CACHE / f"tiny_sd15-{_FIXTURE_ID}" / "loras"
 _LOADED: Dict[str, tuple] = {}
 
 
@@ -24,6 +27,7 @@ def tiny_checkpoint() -> Path:
     """The tiny checkpoint (built once; deterministic, so a cached copy is the same file)."""
     runtime.import_comfy_library()
     if not _CKPT.is_file():
+        _CKPT.parent.mkdir(parents=True, exist_ok=True)
         tmp = _CKPT.with_suffix(".tmp")
         tiny_sd15.write_checkpoint(tmp)
         os.replace(tmp, _CKPT)

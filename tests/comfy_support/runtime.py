@@ -148,6 +148,14 @@ def import_comfy_library(cpu: bool = True):
     import tv_shim
 
     tv_shim.install()
+    # ComfyUI's ``comfy`` is a namespace package: any regular package called ``comfy`` on the path
+    # wins over it, e.g. this checkout in a folder named "comfy" (pytest puts its parent on sys.path)
+    for p in list(sys.path):
+        if p and Path(p).resolve() != root and (Path(p) / "comfy" / "__init__.py").is_file():
+            sys.path.remove(p)
+    other = sys.modules.get("comfy")
+    if other is not None and getattr(other, "__file__", None):
+        del sys.modules["comfy"]
     try:
         import comfy.cli_args
     except ModuleNotFoundError as e:

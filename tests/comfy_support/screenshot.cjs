@@ -1,6 +1,8 @@
 // Opens ComfyUI's page in headless Chromium, loads a workflow, saves a screenshot and the workflow
 // as the front-end serialises it (UI format). Driven by tests/comfy_support/screenshot.py.
-// usage: node screenshot.cjs <url> <api_graph.json> <out.png> <out_workflow.json>
+// usage: node screenshot.cjs <url> <graph.json> <out.png> <out_workflow.json>
+// <graph.json>: a UI-format workflow ("nodes": loaded as is, its positions kept, shown at 100 % zoom)
+// or an API-format graph (laid out left to right, fitted into the view).
 // needs playwright-core (NODE_PATH=<dir>/node_modules) and Debian's /usr/bin/chromium.
 const { chromium } = require("playwright-core");
 const fs = require("fs");
@@ -12,15 +14,27 @@ const fs = require("fs");
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     args: ["--no-sandbox", "--disable-gpu", "--use-gl=swiftshader"],
   });
-  const page = await browser.newPage({ viewport: { width: 2000, height: 1000 }, deviceScaleFactor: 1.5 });
+  const ui = Array.isArray(api.nodes);
+  const vw = Number(process.env.SHOT_WIDTH || 2000), vh = Number(process.env.SHOT_HEIGHT || 1000);
+  const page = await browser.newPage({ viewport: { width: vw, height: vh }, deviceScaleFactor: ui ? 1 : 1.5 });
   await page.addInitScript(() => localStorage.setItem("vueNodesBannerDismissed", "true"));
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
   await page.goto(url, { waitUntil: "networkidle", timeout: 120000 });
   await page.waitForFunction(() => window.app && window.app.graph && window.LiteGraph, null, { timeout: 120000 });
   await page.waitForTimeout(1500);
-  const result = await page.evaluate(async (api) => {
+  const result = await page.evaluate(async ([api, ui]) => {
     const app = window.app;
+    if (ui) {
+      await app.loadGraphData(api, true, true, "domerge_example.json");
+      const missing = app.graph._nodes.filter((n) => n.has_errors || (n.constructor && n.constructor.nodeData === undefined && !["Note"].includes(n.type)));
+      await new Promise((r) => setTimeout(r, 1000));
+      const ds = app.canvas.ds;
+      ds.scale = 1;
+      ds.offset = [70, 100];
+      app.canvas.setDirty(true, true);
+      return { wf: app.graph.serialize(), count: app.graph._nodes.length, missing: missing.map((n) => n.type) };
+    }
     await app.loadApiJson(api, "domerge_example.json");
     // lay the nodes out left to right by dependency depth
     const g = app.graph;
@@ -54,15 +68,16 @@ const fs = require("fs");
     g.setDirtyCanvas(true, true);
     const wf = g.serialize();
     return { wf, count: nodes.length };
-  }, api);
-  // fit everything into view with the front end's own command
+  }, [api, ui]);
   await page.keyboard.press("Escape");
-  await page.evaluate(async () => {
-    await window.app.extensionManager.command.execute("Comfy.Canvas.FitView");
-  });
+  if (!ui) {    // fit everything into view with the front end's own command
+    await page.evaluate(async () => {
+      await window.app.extensionManager.command.execute("Comfy.Canvas.FitView");
+    });
+  }
   await page.waitForTimeout(1500);
   await page.screenshot({ path: pngPath });
   fs.writeFileSync(wfPath, JSON.stringify(result.wf, null, 2));
-  console.log(JSON.stringify({ nodes: result.count, errors }));
+  console.log(JSON.stringify({ nodes: result.count, missing: result.missing || [], errors }));
   await browser.close();
 })().catch((e) => { console.error(e); process.exit(1); });

@@ -6,7 +6,7 @@ ComfyUI infers the UNet layout from state-dict shapes and `supported_models.SD15
 The CLIP-L text encoder and the VAE have fixed configs and are full size. Module names and shapes
 come from ComfyUI's own classes built on the ``meta`` device (library mode: call
 `runtime.import_comfy_library()` first); values are random (fan-in scaled normal weights, unit
-norms, zero biases). Nothing is downloaded.
+norm gains — every 1-D weight —, zero biases). Nothing is downloaded.
 
 LoRAs (random, non-zero up *and* down so every update counts), written as safetensors:
 - ``tiny_kohya_a``: kohya names, rank 4, alpha 4; attention, feed-forward, 1×1 proj_in/out,
@@ -70,9 +70,12 @@ def _random_tensor(key: str, shape: Tuple[int, ...], g: torch.Generator) -> torc
     if len(shape) == 1:
         if last == "bias":
             return torch.zeros(shape)
-        if "norm" in key or "ln_" in key or "layer_norm" in key:
+        # every 1-D ``weight`` in these models is a norm gain, whatever its name: ComfyUI's UNet calls
+        # its GroupNorms ``in_layers.0``, ``out_layers.0`` and ``out.0`` — a zero there (e.g. the final
+        # ``out.0``) makes the UNet output exactly zero and every image identical, LoRA or not
+        if last == "weight":
             return torch.ones(shape)
-        return torch.zeros(shape)
+        raise ValueError(f"unexpected 1-D tensor {key} {shape}")
     if "embedding" in key:
         return torch.randn(shape, generator=g) * 0.02
     fan_in = math.prod(shape[1:])
