@@ -118,10 +118,10 @@ def cmd_convert(args) -> int:
     import domerge_core as dc
 
     lora = dc.load_lora(args.input)
-    path = dc.save_lora(lora, args.output, format=args.format or dc.default_format(lora),
-                        dtype=_torch_dtype(args.dtype), overwrite=args.overwrite)
+    fmt = dc.check_loadable(lora, args.format)      # a layout ComfyUI and diffusers load completely
+    path = dc.save_lora(lora, args.output, format=fmt, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite)
     from .errors import escape_controls
-    print(f"wrote {escape_controls(path)} ({len(lora)} modules, {args.format or dc.default_format(lora)})")
+    print(f"wrote {escape_controls(path)} ({len(lora)} modules, {fmt})")
     return 0
 
 
@@ -200,12 +200,16 @@ def cmd_merge(args) -> int:
     bar = ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
     t0 = time.perf_counter()
     loras = [dc.load_lora(p) for p in args.inputs]
+    if args.format:                  # before the work: a layout these models' clients cannot load
+        for lora in loras:
+            dc.check_loadable(lora, args.format)
     compute = {"fp32": "float32", "fp64": "float64"}[args.compute_dtype]
     import torch
     result = dc.merge(loras, method=args.method, params=params, weights=weights, rank=args.rank,
                       energy=args.energy, device=args.device, compute_dtype=getattr(torch, compute),
                       seed=args.seed, progress=bar)
-    path = result.save(args.output, format=args.format, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite)
+    fmt = dc.check_loadable(result.lora, args.format)
+    path = result.save(args.output, format=fmt, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite)
     elapsed = time.perf_counter() - t0
     if args.report:
         from .errors import DomergeError

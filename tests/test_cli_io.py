@@ -105,7 +105,15 @@ def test_inspect_json(capsys, lora_files):
     assert info["ranks"]["histogram"] and info["dtype"] == "fp32" and info["parameters"] > 0
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "diffusers", "peft"])
+def test_convert_to_a_layout_the_family_cannot_load_is_refused(tmp_path, capsys, lora_files):
+    """An SD1.5 LoRA in the PEFT layout would load as nothing in diffusers and ComfyUI: refused,
+    naming the reason, and nothing is written (issue 13)."""
+    out = tmp_path / "c.peft.safetensors"
+    rc, _, err = _cli(capsys, "convert", lora_files["sd1_kohya"], "-o", out, "--format", "peft")
+    assert rc == 2 and "peft" in err and not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_convert_round_trip(tmp_path, capsys, lora_files, sd1_lora, ref_deltas, fmt):
     out = tmp_path / f"c.{fmt}.safetensors"
     rc, _, err = _cli(capsys, "convert", lora_files["sd1_kohya"], "-o", out, "--format", fmt, "--dtype", "fp16")
@@ -140,3 +148,18 @@ def test_python_m_entry_point(tmp_path, lora_files):
     assert p.stderr.strip() == p.stderr.strip().splitlines()[0]
     assert p.stderr.startswith(f"error: {files['truncated']}: ") and "Traceback" not in p.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_merge_to_a_layout_the_family_cannot_load_is_refused(tmp_path, capsys, lora_files):
+    """``domerge merge --format peft`` on SD1.5 LoRAs wrote a file diffusers loads as a silent
+    no-op: now refused before merging, naming the reason; nothing is written (issue 13)."""
+    out = tmp_path / "m.safetensors"
+    rc, _, err = _cli(capsys, "merge", lora_files["sd1_kohya"], lora_files["sd1_peft"], "-o", out,
+                      "--format", "peft")
+    assert rc == 2 and "peft" in err and not out.exists()
+
+
+def test_convert_to_a_layout_the_family_cannot_load_is_refused(tmp_path, capsys, lora_files):
+    out = tmp_path / "c.peft.safetensors"
+    rc, _, err = _cli(capsys, "convert", lora_files["sd1_kohya"], "-o", out, "--format", "peft")
+    assert rc == 2 and "peft" in err and not out.exists()
