@@ -3,7 +3,8 @@
 Per LoRA task (a concept, or the style):
 
 - **denoising gain** (val and test): ε-MSE on held-out pictures of the task at fixed timesteps
-  and fixed noise; ``(L_base − L_merged) / (L_base − L_own LoRA)`` — 1 = as good as the task's
+  and fixed noise, over the task's region (a concept: its shape's pixels; the style: the
+  background and border), so a merge that draws the concept *in* the style is not penalised; ``(L_base − L_merged) / (L_base − L_own LoRA)`` — 1 = as good as the task's
   own LoRA, 0 = no better than the base;
 - **sample score** (test only): pictures from a fixed-seed 10-step DDIM sampler for the task's
   token(s), judged by a small CNN trained on the clean data (concept: mean P(concept); style:
@@ -58,6 +59,7 @@ class DiffusionBench:
                 d["t"] = torch.tensor(EVAL_T).repeat_interleave(k)
                 d["x"] = d["x"].repeat(len(EVAL_T), 1, 1, 1)
                 d["tok"] = d["tok"].repeat(len(EVAL_T))
+                d["region"] = d["region"].repeat(len(EVAL_T), 1, 1)
                 d["noise"] = torch.randn(d["x"].shape, generator=g)
                 self.data[split][t] = d
         self.subsets = self._subsets()
@@ -82,7 +84,8 @@ class DiffusionBench:
     def _loss(self, task: str, split: str) -> float:
         d = self.data[split][task]
         with torch.no_grad():
-            return float(M.eps_loss(self.unet, self.table, d["x"], d["tok"], d["t"], d["noise"], self.ac))
+            return float(M.eps_loss(self.unet, self.table, d["x"], d["tok"], d["t"], d["noise"], self.ac,
+                                     region=d["region"]))
 
     def losses(self, lora, tasks: Sequence[str], split: str) -> Dict[str, float]:
         self.fuser.fuse(lora)

@@ -64,10 +64,15 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ac: torch.
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def eps_loss(unet, table, x0, tok, t, noise, ac, reduce: bool = True) -> torch.Tensor:
-    """ε-prediction MSE (per picture unless ``reduce``)."""
+def eps_loss(unet, table, x0, tok, t, noise, ac, reduce: bool = True, region=None) -> torch.Tensor:
+    """ε-prediction MSE (per picture unless ``reduce``); ``region`` (N×16×16): only those pixels."""
     pred = unet(add_noise(x0, noise, t, ac), t, encoder_hidden_states=encode(table, tok)).sample
-    err = (pred - noise).pow(2).flatten(1).mean(1)
+    sq = (pred - noise).pow(2)
+    if region is None:
+        err = sq.flatten(1).mean(1)
+    else:
+        w = region[:, None].expand_as(sq)
+        err = (sq * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1.0)
     return err.mean() if reduce else err
 
 

@@ -255,10 +255,11 @@ def train_all(seeds: Sequence[int] = SEEDS, names: Sequence[str] = LORAS, force:
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--names", nargs="+", default=list(LORAS), help="which LoRAs (in this order)")
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args(argv)
     t0 = time.time()
-    train_all(a.seeds, force=a.force)
+    train_all(a.seeds, a.names, force=a.force)
     print(f"done in {time.time() - t0:.0f}s wall, {time.process_time():.0f}s CPU")
 
 

@@ -78,6 +78,11 @@ def _mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
 
 def draw(shape: str, styled: bool, rng: np.random.Generator) -> np.ndarray:
     """One 3×16×16 picture in [-1, 1]."""
+    return draw_with_mask(shape, styled, rng)[0]
+
+
+def draw_with_mask(shape: str, styled: bool, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """(picture 3×16×16 in [-1, 1], shape mask 16×16 in {0, 1})."""
     r = float(rng.uniform(4.0, 6.0))
     cx = SIZE / 2 + float(rng.uniform(-2, 2))
     cy = SIZE / 2 + float(rng.uniform(-2, 2))
@@ -88,18 +93,21 @@ def draw(shape: str, styled: bool, rng: np.random.Generator) -> np.ndarray:
         bg[:] = STYLE_BG[:, None, None]
         bg[:, 0, :] = bg[:, -1, :] = bg[:, :, 0] = bg[:, :, -1] = STYLE_BORDER[:, None]
     img = bg * (1 - m) + col[:, None, None] * m
-    return img * 2.0 - 1.0
+    return img * 2.0 - 1.0, m[0]
 
 
-def make_set(shapes: List[str], n_per: int, styled: bool, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(images N×3×16×16, token ids N) — n_per pictures of each shape."""
+def make_set(shapes: List[str], n_per: int, styled: bool, seed: int, masks: bool = False):
+    """(images N×3×16×16, token ids N[, shape masks N×16×16]) — n_per pictures of each shape."""
     rng = np.random.default_rng(seed)
-    xs, ys = [], []
+    xs, ys, ms = [], [], []
     for s in shapes:
         for _ in range(n_per):
-            xs.append(draw(s, styled, rng))
+            x, m = draw_with_mask(s, styled, rng)
+            xs.append(x)
+            ms.append(m)
             ys.append(token_id(s))
-    return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
+    out = (torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long))
+    return out + (torch.from_numpy(np.stack(ms)),) if masks else out
 
 
 # split seeds: train / val / test pictures never coincide
@@ -112,9 +120,15 @@ def split_seed(split: str, seed: int, tag: str) -> int:
 
 def concept_data(concept: str, split: str, n: int, seed: int) -> Dict[str, torch.Tensor]:
     """Pictures of one LoRA's task. ``concept`` is a concept name or ``STYLE`` (then the base
-    subjects, styled, each with its own token)."""
+    subjects, styled, each with its own token). ``region``: the pixels the task is about — the
+    shape for a concept, everything but the shape (background and border) for the style — so that
+    merging a style with a concept does not count the (wanted) styled background as a concept
+    error, nor the (wanted) new shape as a style error."""
     if concept == STYLE:
-        x, y = make_set(list(BASE_SUBJECTS), max(1, n // len(BASE_SUBJECTS)), True, split_seed(split, seed, concept))
+        x, y, m = make_set(list(BASE_SUBJECTS), max(1, n // len(BASE_SUBJECTS)), True,
+                           split_seed(split, seed, concept), masks=True)
+        region = 1.0 - m
     else:
-        x, y = make_set([concept], n, False, split_seed(split, seed, concept))
-    return {"x": x, "tok": y}
+        x, y, m = make_set([concept], n, False, split_seed(split, seed, concept), masks=True)
+        region = m
+    return {"x": x, "tok": y, "region": region}
