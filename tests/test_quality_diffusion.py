@@ -36,7 +36,7 @@ TASKS = [S.STYLE, "ring"]
 def bench():
     torch.set_num_threads(1)
     from diffusion_bench import DiffusionBench
-    return DiffusionBench(0, tasks=TASKS, n_eval={"val": 4, "test": 4}, n_samples=3)
+    return DiffusionBench(0, tasks=TASKS, n_eval={"val": 3, "test": 3}, n_samples=2)
 
 
 def _zeroed(lora: Lora) -> Lora:

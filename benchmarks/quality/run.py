@@ -716,10 +716,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                          "(see suite.py); rewrites RESULTS.md and the README summary")
     ap.add_argument("--methods", nargs="+", help="--suite: score only these methods, merged with cached results")
     ap.add_argument("--quick", action="store_true", help="--suite: smoke run (seed 0, T=2, 3 rows); writes nothing")
+    ap.add_argument("--protocols", nargs="+", choices=("tuned", "dropin"), default=["tuned", "dropin"],
+                    help="--suite: which protocols to (re)score")
+    ap.add_argument("--sizes", nargs="+", choices=("T=2", "T=3", "all"), help="--suite: which sizes to (re)score")
     a = ap.parse_args(argv)
     if a.suite:
         import suite
-        suite.run_suite(a.suite, [0] if a.quick else a.seeds, a.methods, a.quick, not a.no_write)
+        suite.run_suite(a.suite, [0] if a.quick else a.seeds, a.methods, a.quick, not a.no_write,
+                        protocols=a.protocols, sizes=a.sizes, report_only=a.report_only)
         return
     if a.report_only:
         out = json.load(open(OUT_JSON))

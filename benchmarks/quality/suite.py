@@ -23,7 +23,7 @@ import protocols as P
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-STORE = os.path.join(ROOT, "benchmarks", "out", "quality_protocols.json")
+STORE = os.environ.get("QUALITY_STORE") or os.path.join(ROOT, "benchmarks", "out", "quality_protocols.json")
 RANKS_JSON = os.path.join(ROOT, "benchmarks", "out", "quality_mean_rank.json")
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 README = os.path.join(ROOT, "README.md")
@@ -152,15 +152,19 @@ def md_summary(store) -> str:
 
 # ----------------------------------------------------------------------------------------------
 def run_suite(suite: str, seeds: Sequence[int], methods: Optional[Sequence[str]], quick: bool, write: bool,
-              log=print) -> Dict[str, Any]:
+              log=print, protocols: Sequence[str] = P.PROTOCOLS, sizes: Optional[Sequence[str]] = None,
+              report_only: bool = False) -> Dict[str, Any]:
     from run import write_block
     torch.set_num_threads(1)
     t_start, c_start = time.time(), time.process_time()
     store = {} if quick else P.load_store(STORE)
     timings: Dict[str, float] = {}
     names = BENCHES if suite == "all" else (suite,)
-    sizes = ("T=2",) if quick else P.SIZES
+    sizes = ("T=2",) if quick else (sizes or P.SIZES)
     diff_benches = []
+    if report_only:              # tables, README and pictures from the stored results, no merging
+        diff_benches = build_diffusion(seeds, log) if os.path.exists(os.path.join(HERE, "cache", "diffusion")) else []
+        names = ()
     for bn in names:
         t0 = time.time()
         log(f"== {bn}")
@@ -172,7 +176,7 @@ def run_suite(suite: str, seeds: Sequence[int], methods: Optional[Sequence[str]]
             cmbs = with_refs(diffusion_combos(methods), methods)
         if quick:
             cmbs = [c for c in cmbs if c.label in ("stacking (ta, λ=1)", "ta", "do")]
-        P.run_grid(benches, bn, cmbs, store, log, sizes=sizes)
+        P.run_grid(benches, bn, cmbs, store, log, protocols=protocols, sizes=sizes)
         timings[bn] = time.time() - t0
         log(f"== {bn} done in {timings[bn]:.0f}s wall")
         if not quick:
@@ -198,6 +202,12 @@ def run_suite(suite: str, seeds: Sequence[int], methods: Optional[Sequence[str]]
     if diff_benches:
         write_block(RESULTS_MD, "diffusion-setup", md_diffusion_setup(diff_benches))
     write_block(RESULTS_MD, "mean-rank", P.md_mean_ranks(ranks, BENCHES))
+    if report_only:
+        import re
+        text = open(RESULTS_MD).read()
+        stamp = "\n\n".join(m.strip() for m in re.findall(r"<!-- BEGIN timing-suite-[a-z]+ -->(.*?)<!-- END", text, re.S))
+        write_block(README, "quality-summary", md_summary(store) + ("\n\n" + stamp if stamp else ""))
+        return out
     stamp = (f"`run.py --suite {suite}" + (f" --methods {' '.join(methods)}" if methods else "") +
              f"`, seeds {list(seeds)}: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) +
              f"; total {wall:.0f}s wall, {cpu:.0f}s CPU, one thread")
