@@ -28,7 +28,7 @@ EVAL_T = (100, 250, 400, 600)      # fixed timesteps of the denoising loss
 N_EVAL = {"val": 8, "test": 12}    # held-out pictures per task and split (× 4 timesteps)
 N_SAMPLES = 6                      # sampler pictures per task (test)
 SAMPLE_STEPS = 10
-LAM_GRID = (0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.25)
+LAM_GRID = (0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.25)
 
 
 class DiffusionBench:
