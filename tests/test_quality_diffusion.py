@@ -70,7 +70,7 @@ def test_scores_are_normalized_and_see_a_broken_lora(bench):
     none = bench.score(None, ["ring"], "val")["ring"]
     assert own == pytest.approx(1.0, abs=1e-6) and none == pytest.approx(0.0, abs=1e-6)
     # the LoRA really helps its concept (else the normalization divides noise by noise)
-    assert bench.ref_loss("base", "ring", "val") > 1.5 * bench.ref_loss("own", "ring", "val")
+    assert bench.ref_loss("base", "ring", "val") > 1.2 * bench.ref_loss("own", "ring", "val")
     merged = domerge_core.merge([bench.loras[t] for t in TASKS], method="do", device="cpu").lora
     both = bench.score(merged, TASKS, "val")
     assert both[S.STYLE] > 0.3, both
