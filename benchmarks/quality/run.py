@@ -3,6 +3,8 @@
     python benchmarks/quality/run.py             # train if the cache is missing, then table + magvar
     python benchmarks/quality/run.py sweep       # the reconstructed-choice sweep (validation only)
     python benchmarks/quality/run.py all         # table + magvar + sweep
+    python benchmarks/quality/run.py --suite all # both benchmarks (digits ViT, diffusion) × both
+                                                 # protocols × T = 2, 3, all (suite.py); --quick, --methods
 
 All merging goes through ``domerge_core.merge``; this file only applies a merged LoRA to the
 backbone (ΔW = scale·up@down per module key) and scores it.
@@ -709,7 +711,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md / docs plots")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite RESULTS.md and the plot from benchmarks/out/quality.json, no merging")
+    ap.add_argument("--suite", choices=("all", "digits", "diffusion"),
+                    help="both protocols (tuned, drop-in) × T = 2, 3, all for every registry combo "
+                         "(see suite.py); rewrites RESULTS.md and the README summary")
+    ap.add_argument("--methods", nargs="+", help="--suite: score only these methods, merged with cached results")
+    ap.add_argument("--quick", action="store_true", help="--suite: smoke run (seed 0, T=2, 3 rows); writes nothing")
+    ap.add_argument("--protocols", nargs="+", choices=("tuned", "dropin"), default=["tuned", "dropin"],
+                    help="--suite: which protocols to (re)score")
+    ap.add_argument("--sizes", nargs="+", choices=("T=2", "T=3", "all"), help="--suite: which sizes to (re)score")
     a = ap.parse_args(argv)
+    if a.suite:
+        import suite
+        suite.run_suite(a.suite, [0] if a.quick else a.seeds, a.methods, a.quick, not a.no_write,
+                        protocols=a.protocols, sizes=a.sizes, report_only=a.report_only)
+        return
     if a.report_only:
         out = json.load(open(OUT_JSON))
         if "table" in out:
