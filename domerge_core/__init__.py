@@ -24,7 +24,7 @@ _PUBLIC = {
     "describe": "formats.describe", "check_compatible": "engine.plan", "output_metadata": "metadata",
     # methods and merging
     "Param": "methods.registry", "MethodSpec": "methods.registry", "get_method": "methods",
-    "list_methods": "methods", "method_names": "methods",
+    "list_methods": "methods", "method_names": "methods", "default_method": "methods",
     "merge": "engine.merge", "MergeResult": "engine.result", "MergeCache": "engine.cache",
     "check_weights": "engine.plan", "check_run_options": "engine.plan",
     "analyze": "engine.analyze", "resolve_device": "devices",

@@ -180,6 +180,7 @@ def _usage_error(msg: str) -> int:
 def cmd_merge(args) -> int:
     import domerge_core as dc
 
+    args.method = args.method or dc.default_method()
     spec = dc.get_method(args.method)
     own = {p.name for p in spec.all_params()}
     params = {}
@@ -261,6 +262,8 @@ def _print_param(p) -> None:
 def cmd_methods(args) -> int:
     import domerge_core as dc
 
+    from .methods import DEFAULT_WHY
+    print(f"default: {dc.default_method()} — {DEFAULT_WHY}\n")
     shared = None
     width = max(len(spec.name) for spec in dc.list_methods()) + 1
     for spec in dc.list_methods():
@@ -313,7 +316,8 @@ def build_parser(method_params: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge LoRAs into one")
     p.add_argument("inputs", nargs="+", metavar="IN")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
-    p.add_argument("--method", default="do", help="merge method (see `domerge methods`; default do)")
+    p.add_argument("--method", default=None,
+                   help="merge method (see `domerge methods`, which names the default and why)")
     p.add_argument("--weights", default=None, help="strengths w1,w2,... (default 1 each)")
     r = p.add_mutually_exclusive_group()
     r.add_argument("--rank", type=int, default=None, help="truncate the output to this rank (exact SVD)")

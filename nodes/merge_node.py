@@ -52,7 +52,7 @@ class DomergeMergeLoras:
         labels = "; ".join(f"{s.name} = {s.label}" for s in domerge_core.list_methods())
         required = {
             "loras": (LORA_LIST, {"tooltip": "LoRAs and strengths from 'LoRA list' nodes."}),
-            "method": (names, {"default": "do" if "do" in names else names[0],
+            "method": (names, {"default": domerge_core.default_method(),
                                "tooltip": f"Merge method ({labels})."}),
             "rank": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 1,
                              "tooltip": "Output rank per module; 0 = exact (sum of the input ranks)."}),

@@ -91,7 +91,7 @@ class MergePanel:
     """
 
     def __init__(self, loras: Optional[Sequence[Any]] = None, folder: Optional[str] = None, *,
-                 method: str = "do", weights: Optional[Sequence[float]] = None, device: str = "auto",
+                 method: Optional[str] = None, weights: Optional[Sequence[float]] = None, device: str = "auto",
                  live: bool = False, debounce: float = 0.35, background: bool = True,
                  output_dir: Optional[str] = None, strength_range: tuple = (-2.0, 2.0)):
         if loras is None and folder is None:
@@ -130,6 +130,7 @@ class MergePanel:
         specs = core.list_methods()
         self._specs = {s.name: s for s in specs}
         options = [(f"{s.label} ({s.name})", s.name) for s in specs]
+        method = method or core.default_method()
         if method not in self._specs and specs:
             method = specs[0].name
         self.method = W.Dropdown(options=options, value=method if specs else None, description="method",

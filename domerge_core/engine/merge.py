@@ -38,7 +38,7 @@ def check_compute(compute_dtype, device) -> None:
         raise InvalidParameterError(f"float64 compute is not supported on {device}")
 
 
-def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[str, Any]] = None, *,
+def merge(inputs: Sequence[LoraLike], method: Optional[str] = None, params: Optional[Dict[str, Any]] = None, *,
           weights: Optional[Sequence[float]] = None, rank: Optional[int] = None,
           energy: Optional[float] = None, device: str = "auto",
           compute_dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -58,8 +58,8 @@ def merge(inputs: Sequence[LoraLike], method: str = "do", params: Optional[Dict[
     Raises `DomergeError` subclasses only (for the inputs' numbers: `NumericalError`, naming the
     file(s) and the module key).
     """
-    from ..methods import get_method
-    spec = get_method(method)
+    from ..methods import default_method, get_method
+    spec = get_method(default_method() if method is None else method)
     p = spec.resolve(params)
     rank, energy, seed = check_run_options(rank, energy, seed)
     loras = load_inputs(inputs)

@@ -33,5 +33,5 @@ from . import plugins  # noqa: F401  (fills registry.PLUGIN_PARAMS first)
 from . import ta, ties, dare, dare_ties, do  # noqa: F401  (registration)
 from . import knots, core, tsv, iso, cart  # noqa: F401  (aligned low-rank methods)
 from .base import DenseUpdate, LowRankUpdate, MethodContext, TaskSet  # noqa: F401
-from .registry import (PLUGIN_PARAMS, MethodSpec, Param, get_method, list_methods,  # noqa: F401
-                       method_names, register)
+from .registry import (DEFAULT_METHOD, DEFAULT_WHY, PLUGIN_PARAMS, MethodSpec, Param,  # noqa: F401
+                       default_method, get_method, list_methods, method_names, register)

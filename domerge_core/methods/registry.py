@@ -99,6 +99,16 @@ PLUGIN_PARAMS: List[Param] = []
 
 _REGISTRY: Dict[str, MethodSpec] = {}
 
+# The method the CLI, the ComfyUI node, the panel and `merge()` start from, with its registered
+# defaults; chosen by mean rank on the quality benchmarks' validation splits (why: DEFAULT_WHY).
+DEFAULT_METHOD = "do"
+DEFAULT_WHY = ("DO-Merging: decouple + orthogonalize lift plain stacking under drop-in strengths "
+               "(benchmarks/quality/RESULTS.md)")
+
+
+def default_method() -> str:
+    return DEFAULT_METHOD
+
 
 def register(spec: MethodSpec) -> MethodSpec:
     if spec.name in _REGISTRY:
