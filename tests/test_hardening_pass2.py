@@ -457,7 +457,7 @@ def pair(tmp_path):
     dict(weights=[1, 10 ** 400]), dict(weights=[1.0, None]), dict(rank=float("nan")), dict(rank=float("inf")),
     dict(rank="four"), dict(rank=2 ** 63), dict(rank=True), dict(energy="half"), dict(seed=-1), dict(seed=2 ** 63),
     dict(seed=1.5), dict(seed="1"), dict(params=[("lam", 1.0)]), dict(params={"lam": 10 ** 400}),
-    dict(params={"lam": "x"}), dict(params={"lam": float("inf")}), dict(method=None), dict(method=["ties"]),
+    dict(params={"lam": "x"}), dict(params={"lam": float("inf")}), dict(method=["ties"]),
     dict(method="ties", params={"density": [0.5]}),
 ], ids=lambda kw: ",".join(f"{k}={str(v)[:12]}" for k, v in kw.items()))
 def test_api_bad_arguments_raise_core_errors_only(pair, kw):

@@ -532,3 +532,14 @@ def test_cli_inspect_prints_the_pairwise_analysis(tmp_path):
     rows = [l for l in r.stdout.splitlines() if l.strip().startswith("in0.safetensors")
             or l.strip().startswith("in1.safetensors")]
     assert len(rows) >= 2, r.stdout
+
+
+def test_no_method_means_the_registry_default():
+    """``merge(method=None)`` (and the CLI, node and panel) start from the registry's default."""
+    from domerge_core import default_method
+    loras = make()
+    a = merge(loras, None, device="cpu")
+    b = merge(loras, default_method(), device="cpu")
+    assert a.method == default_method()
+    for key in SHAPES:
+        assert torch.equal(a.lora[key].factors()[1], b.lora[key].factors()[1])
