@@ -1,14 +1,16 @@
-"""Tensor keys -> (module name, role): the suffix grammar of every LoRA layout we read, and the
-recognition of adapter types we refuse (LoHa, LoKr, OFT, DoRA, full diffs...)."""
+"""Tensor keys -> (module name, role): the suffix grammar of every LoRA layout we read (plain LoRA/LoCon,
+LyCORIS LoHa/LoKr), and the recognition of adapter types we refuse (OFT, DoRA, full diffs...)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import LoraFormatError, UnsupportedFormatError
+from . import lycoris
 
 # (suffix, role, family). Longest/most specific first. family: "down_up" (kohya/LyCORIS/ComfyUI:
-# scale from .alpha), "ab" (PEFT/diffusers: scale from config), "old" (diffusers attention processors).
+# scale from .alpha), "ab" (PEFT/diffusers: scale from config), "old" (diffusers attention processors),
+# "loha" / "lokr" (LyCORIS Hadamard / Kronecker products, read exactly by formats/lycoris.py).
 SUFFIXES: Tuple[Tuple[str, str, str], ...] = (
     (".lora_down.weight", "down", "down_up"),
     (".lora_up.weight", "up", "down_up"),
@@ -25,13 +27,12 @@ SUFFIXES: Tuple[Tuple[str, str, str], ...] = (
     ("_lora.up.weight", "up", "old"),
     (".lora.down.weight", "down", "old"),
     (".lora.up.weight", "up", "old"),
+) + lycoris.SUFFIXES + (
     (".alpha", "alpha", ""),
 )
 
 # markers of adapter types that are not plain LoRA: (substring or suffix test, description)
 _UNSUPPORTED: Tuple[Tuple[str, str], ...] = (
-    ("hada_", "LyCORIS LoHa"),
-    ("lokr_", "LyCORIS LoKr"),
     ("oft_blocks", "OFT/BOFT"),
     ("oft_diag", "OFT"),
     (".oft_r", "OFT"),
@@ -119,6 +120,9 @@ def group_keys(keys: Iterable[str], file: Optional[str]) -> List[ModuleKeys]:
             raise LoraFormatError(f"alpha without LoRA factors for module {name!r}", file=file, key=key)
         g.keys["alpha"] = key
     for g in groups.values():
+        if g.family in lycoris.FAMILIES:
+            lycoris.check_roles(g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"}, file)
+            continue
         if "down" not in g.keys:
             raise LoraFormatError(f"module {g.name!r} has an up factor but no down factor", file=file,
                                   key=g.keys.get("up") or g.keys.get("mid"))

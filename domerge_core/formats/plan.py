@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import LoraFormatError, UnsupportedFormatError
+from . import lycoris
 from .dtypes import FLOAT_CODES
 from .keys import ModuleKeys, group_keys
 from .names import Mapped, map_name, peft_relative_path
@@ -454,14 +455,26 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
     bases: Counter = Counter()
     dtypes: Counter = Counter()
     for g in groups:
-        out_f, in_f, rank, kernel = _module_geometry(src, g)
-        mapped: Mapped = map_name(g.name, g.family, out_f)
+        lyco = g.family in lycoris.FAMILIES
+        if lyco:
+            for k in g.keys.values():
+                if k != g.keys.get("alpha"):
+                    _check_float(src, k)
+            out_f, in_f, rank, kernel, divisor = lycoris.geometry(
+                src, g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"})
+        else:
+            out_f, in_f, rank, kernel = _module_geometry(src, g)
+        mapped: Mapped = map_name(g.name, "down_up" if lyco else g.family, out_f)
+        if lyco and kernel is None:
+            kernel = lycoris.conv_kernel_hint(mapped.targets[0][0], in_f)
         formats[mapped.format] += 1
         for k, v in mapped.layout.items():
             layout.setdefault(k, v)
         if mapped.base_hint:
             bases[mapped.base_hint] += 1
-        if "alpha" in g.keys:
+        if lyco:     # ComfyUI's rules: alpha / (inner size of a stored factor pair), else 1
+            scale = _alpha(src, g.keys["alpha"]) / divisor if "alpha" in g.keys and divisor else 1.0
+        elif "alpha" in g.keys:
             scale = _alpha(src, g.keys["alpha"]) / rank
         elif g.family == "ab" and scales:
             comp = mapped.targets[0][0].split(".", 1)[0]
@@ -473,7 +486,7 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             scale = rule.scale(paths, rank) if rule else 1.0
         else:
             scale = 1.0
-        dt = src.dtypes[g.keys["up"]]
+        dt = src.dtypes[g.keys["up"] if not lyco else next(iter(g.keys.values()))]
         dtypes[dt] += 1
         for key, rows in mapped.targets:
             if key in modules:

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import LoraFormatError
 from ..lora import Lora, LoraModule
+from . import lycoris
 from .dtypes import torch_dtype
 from .keys import ModuleKeys
 from .plan import ModulePlan, PeftScale, TensorSource, plan_modules, read_adapter_config  # noqa: F401
@@ -22,7 +23,21 @@ def _finite(t: torch.Tensor, src: TensorSource, key: str) -> torch.Tensor:
     return t
 
 
+def _lycoris_loader(src: TensorSource, g: ModuleKeys, rows: Optional[Tuple[int, int]]):
+    roles = {r: k for r, k in g.keys.items() if r != "alpha"}
+
+    def load():
+        up, down = lycoris.factors(lambda role: _finite(src.get(roles[role]), src, roles[role]), g.family, roles)
+        if rows is not None:
+            up = up[rows[0]:rows[1]]
+        return up, down
+
+    return load
+
+
 def _loader(src: TensorSource, g: ModuleKeys, out_f: int, rows: Optional[Tuple[int, int]]):
+    if g.family in lycoris.FAMILIES:
+        return _lycoris_loader(src, g, rows)
     up_k, down_k, mid_k = g.keys["up"], g.keys["down"], g.keys.get("mid")
 
     def load():
