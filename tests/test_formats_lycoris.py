@@ -304,3 +304,91 @@ def test_loha_with_dora_scale_is_still_refused():
     sd[f"{name}.dora_scale"] = torch.ones(24, 1)
     with pytest.raises(UnsupportedFormatError, match="DoRA"):
         load_state_dict(sd, source="x.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end on a real (tiny) SD1.5 in ComfyUI library mode: stock LoraLoader
+# ----------------------------------------------------------------------------------------------
+def _div(x: int) -> int:
+    return next(f for f in (4, 2, 1) if x % f == 0)
+
+
+def _tiny_lycoris(folder, shapes, targets):
+    """A LoHa (attention + flattened 3×3 resnet convs + text encoder) and a LoKr (attention, ff, conv
+    with a whole 4-D w2, Tucker-free) over the tiny SD1.5, in fp16 as trainers write them."""
+    from comfy_support import tiny_sd15 as t
+
+    g = torch.Generator().manual_seed(7)
+    rnd = lambda *s: (torch.randn(*s, generator=g) * 0.3).half()  # noqa: E731
+    loha_sd, lokr_sd = {}, {}
+    for diff, ckey in t._pick(targets, t._ATTN) + t._pick(targets, t._CONV, resnet_only=True):
+        shape = shapes[ckey]
+        m, n = shape[0], math.prod(shape[1:])
+        base = "lora_unet_" + diff.replace(".", "_")
+        loha_sd.update({base + ".hada_w1_a": rnd(m, 2), base + ".hada_w1_b": rnd(2, n),
+                        base + ".hada_w2_a": rnd(m, 3), base + ".hada_w2_b": rnd(3, n),
+                        base + ".alpha": torch.tensor(2.0).half()})
+    for i in range(2):
+        for mname in t.TE_ATTN:
+            base = f"lora_te_text_model_encoder_layers_{i}_{mname}"
+            loha_sd.update({base + ".hada_w1_a": rnd(768, 2), base + ".hada_w1_b": rnd(2, 768),
+                            base + ".hada_w2_a": rnd(768, 2), base + ".hada_w2_b": rnd(2, 768)})
+    for diff, ckey in t._pick(targets, t._ATTN + t._FF) + t._pick(targets, t._CONV, resnet_only=True):
+        shape = shapes[ckey]
+        a, b = _div(shape[0]), _div(shape[1])
+        base = "lora_unet_" + diff.replace(".", "_")
+        lokr_sd[base + ".lokr_w1"] = rnd(a, b)
+        if len(shape) == 4:
+            lokr_sd[base + ".lokr_w2"] = rnd(shape[0] // a, shape[1] // b, *shape[2:])
+        else:
+            lokr_sd.update({base + ".lokr_w2_a": rnd(shape[0] // a, 4), base + ".lokr_w2_b": rnd(4, shape[1] // b),
+                            base + ".alpha": torch.tensor(4.0).half()})
+    paths = {}
+    for name, sd in (("tiny_loha", loha_sd), ("tiny_lokr", lokr_sd)):
+        p = folder / f"{name}.safetensors"
+        save_file(sd, str(p))
+        paths[name] = p
+    return paths
+
+
+def test_stock_loraloader_on_lycoris_files_equals_merge_output_loaded_by_it(tmp_path, caplog):
+    """LoHa + LoKr + kohya LoRA: ComfyUI's LoraLoader chained on the three files patches the same
+    weights (rel. err < 1e-5 on every update) as our 'ta' merge written to one kohya file and loaded
+    by the same stock LoraLoader — which loads it with zero skipped keys."""
+    import logging
+
+    from comfy_support import library
+    from comfy_support import tiny_sd15 as t
+    import nodes as comfy_nodes
+
+    dirs = library.setup_folders(tmp_path)
+    loras = library.tiny_loras(dirs["loras"])
+    paths = _tiny_lycoris(dirs["loras"], t._meta_shapes(), t._unet_targets())
+    model, clip, _ = library.load_checkpoint()
+    strengths = [("tiny_loha", 0.8), ("tiny_lokr", -0.6), ("tiny_kohya_a", 0.5)]
+    files = [str(paths.get(n) or loras[n]) for n, _ in strengths]
+    res = merge(files, "ta", weights=[s for _, s in strengths], device="cpu", compute_dtype=torch.float64)
+    out = dirs["loras"] / "merged.safetensors"
+    res.save(str(out), format="kohya", dtype=torch.float32)
+
+    import folder_paths
+    folder_paths.filename_list_cache.clear()
+    loader = comfy_nodes.LoraLoader()
+    with caplog.at_level(logging.WARNING):
+        m_ref, c_ref = model, clip
+        for n, s in strengths:
+            m_ref, c_ref = loader.load_lora(m_ref, c_ref, f"{n}.safetensors", s, s)
+        assert "lora key not loaded" not in caplog.text and "ERROR" not in caplog.text
+        m_got, c_got = loader.load_lora(model, clip, "merged.safetensors", 1.0, 1.0)
+    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
+    assert set(m_got.patches) == set(m_ref.patches) and len(m_ref.patches) > 0
+    assert set(c_got.patcher.patches) == set(c_ref.patcher.patches) and len(c_ref.patcher.patches) == 72
+    worst = 0.0
+    for got_p, ref_p, base_p in ((m_got, m_ref, model), (c_got.patcher, c_ref.patcher, clip.patcher)):
+        for key in ref_p.patches:
+            base = library.patched_weight(base_p, key)
+            d_got = library.patched_weight(got_p, key) - base
+            d_ref = library.patched_weight(ref_p, key) - base
+            worst = max(worst, rel(d_got, d_ref))
+    print(f"LoHa+LoKr+LoRA vs stock LoraLoader chain: worst rel err {worst:.2e}")
+    assert worst < 1e-5, worst
