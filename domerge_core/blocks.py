@@ -201,3 +201,16 @@ def strength_multiplier(model: float, clip: float, blocks=None, base_model: Opti
 def combine(mults: Sequence[Optional[Callable[[str], float]]]) -> Optional[List[Optional[Callable[[str], float]]]]:
     """None when no input has a multiplier (the engine's fast path)."""
     return None if all(m is None for m in mults) else list(mults)
+
+
+def weights_and_multipliers(strengths: Sequence[float], clip_strengths: Sequence[Optional[float]],
+                            block_specs: Sequence[Optional[object]], base_models: Sequence[Optional[str]]
+                            ) -> "tuple[List[float], Optional[List[Optional[Callable[[str], float]]]]]":
+    """Per input (model strength, CLIP strength or None = the same, block weights or None, base model)
+    -> ``merge(weights=..., multipliers=...)`` arguments (multipliers None when all are 1)."""
+    ws, ms = [], []
+    for s, c, b, base in zip(strengths, clip_strengths, block_specs, base_models):
+        w, m = strength_multiplier(float(s), float(s if c is None else c), b, base)
+        ws.append(w)
+        ms.append(m)
+    return ws, combine(ms)
