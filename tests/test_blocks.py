@@ -157,3 +157,94 @@ def test_strength_split():
     assert w * f("unet.down_blocks.1.attentions.0.proj_in") == 0.0
     assert w * f("unet.up_blocks.3.attentions.2.proj_out") == 2.0
     assert w * f("text_encoder.text_model.encoder.layers.0.mlp.fc1") == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# plumbing: CLI and nodes reach merge(multipliers=)
+# ----------------------------------------------------------------------------------------------
+import inspect  # noqa: E402
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from domerge_core import load_lora, merge  # noqa: E402
+
+needs_multipliers = pytest.mark.skipif("multipliers" not in inspect.signature(merge).parameters,
+                                       reason="merge(multipliers=) not in this engine yet")
+MODS = {"lora_unet_down_blocks_1_attentions_0_proj_in": "unet.down_blocks.1.attentions.0.proj_in",      # IN04
+        "lora_unet_up_blocks_1_attentions_0_proj_in": "unet.up_blocks.1.attentions.0.proj_in",          # OUT03
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": "text_encoder.text_model.encoder.layers.0.mlp.fc1"}
+
+
+def _tiny(path, seed):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name in MODS:
+        sd[name + ".lora_down.weight"] = torch.randn(2, 12, generator=g, dtype=torch.float64)
+        sd[name + ".lora_up.weight"] = torch.randn(10, 2, generator=g, dtype=torch.float64)
+    save_file(sd, str(path), metadata={"ss_base_model_version": "sd_v1"})
+    lo = load_lora(str(path))
+    return {k: lo[k].delta(torch.float64) for k in MODS.values()}
+
+
+@needs_multipliers
+def test_cli_block_and_clip_weights(tmp_path):
+    from domerge_core.cli import main
+
+    da, db = _tiny(tmp_path / "a.safetensors", 1), _tiny(tmp_path / "b.safetensors", 2)
+    out = tmp_path / "out.safetensors"
+    rc = main(["merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "-o", str(out),
+               "--method", "ta", "--weights", "0.5,1", "--clip-weights", "0.2,0.3", "--block-weights", "SD-OUTALL",
+               "--block-weights", "-", "--compute-dtype", "fp64", "--dtype", "fp32", "-q"])
+    assert rc == 0
+    got = load_lora(str(out))
+    want = {"unet.down_blocks.1.attentions.0.proj_in": lambda k: 0.0 * da[k] + 1.0 * db[k],
+            "unet.up_blocks.1.attentions.0.proj_in": lambda k: 0.5 * da[k] + 1.0 * db[k],
+            "text_encoder.text_model.encoder.layers.0.mlp.fc1": lambda k: 0.2 * da[k] + 0.3 * db[k]}
+    for k, f in want.items():
+        w = f(k)
+        assert float((got[k].delta(torch.float64) - w).norm() / w.norm()) < 1e-6, k
+
+
+def test_cli_block_weights_errors(tmp_path, capsys):
+    from domerge_core.cli import main
+
+    _tiny(tmp_path / "a.safetensors", 1)
+    rc = main(["merge", str(tmp_path / "a.safetensors"), "-o", str(tmp_path / "o.safetensors"),
+               "--block-weights", "1,2,x"])
+    assert rc == 2 and "--block-weights" in capsys.readouterr().err
+    rc = main(["merge", str(tmp_path / "a.safetensors"), "-o", str(tmp_path / "o.safetensors"),
+               "--block-weights", "1,0,1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "fits no layout" in err and "\n" == err[-1] and err.count("\n") == 1
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@needs_multipliers
+def test_node_clip_strength_equals_stock_loraloader_strength_clip(tmp_path):
+    """LoRA list with strength 0.7 / strength_clip 0.3 -> 'ta' at full rank -> applied at 1/1 patches
+    what stock LoraLoader(0.7, 0.3) patches; a block-weight vector zeroes the IN blocks."""
+    from comfy_support import library
+    import domerge_nodes
+    import folder_paths
+    import nodes as comfy_nodes
+
+    dirs = library.setup_folders(tmp_path)
+    library.tiny_loras(dirs["loras"])
+    folder_paths.filename_list_cache.clear()
+    model, clip, _ = library.load_checkpoint()
+    lst = domerge_nodes.NODE_CLASS_MAPPINGS["DomergeLoraList"]()
+    (loras,) = lst.build("tiny_kohya_a.safetensors", 0.7, strength_clip=0.3, use_strength_clip=True)
+    node = domerge_nodes.NODE_CLASS_MAPPINGS["DomergeMergeLoras"]()
+    widgets = {k: v[1]["default"] for k, v in node.INPUT_TYPES()["required"].items()
+               if k not in ("loras", "method") and isinstance(v[1], dict) and "default" in v[1]}
+    merged, text = node.merge(loras, "ta", model=model, clip=clip, **widgets)
+    assert "text encoder at weight 0.3" in text
+    m1, c1 = domerge_nodes.NODE_CLASS_MAPPINGS["DomergeApplyLora"]().apply(model, clip, merged, 1.0, 1.0)
+    m2, c2 = comfy_nodes.LoraLoader().load_lora(model, clip, "tiny_kohya_a.safetensors", 0.7, 0.3)
+    for p1, p2, base in ((m1, m2, model), (c1.patcher, c2.patcher, clip.patcher)):
+        assert set(p1.patches) == set(p2.patches)
+        for key in list(p2.patches)[:20]:
+            b = library.patched_weight(base, key)
+            d1, d2 = library.patched_weight(p1, key) - b, library.patched_weight(p2, key) - b
+            assert float((d1 - d2).norm() / d2.norm()) < 1e-4, key
