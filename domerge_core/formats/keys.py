@@ -2,6 +2,7 @@
 LyCORIS LoHa/LoKr), and the recognition of adapter types we refuse (OFT, DoRA, full diffs...)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -76,8 +77,16 @@ def classify_unsupported(key: str) -> Optional[str]:
     return None
 
 
+# XLabs Flux LoRAs: double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight (1: image, 2: text
+# stream), single_blocks.N.processor.{qkv,proj}_lora.{down,up}.weight
+_XLABS = re.compile(r"^((?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora[12]?)\.(down|up)\.weight$")
+
+
 def split_key(key: str) -> Optional[Tuple[str, str, str]]:
     """(module name, role, family) or None when the key is not a LoRA factor/alpha."""
+    m = _XLABS.match(key)
+    if m:
+        return m.group(1), m.group(2), "xlabs"
     for suffix, role, family in SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)], role, family

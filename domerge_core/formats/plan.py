@@ -499,7 +499,7 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
         # diffusers files written for ComfyUI too keep the UNet in attention-processor names
         formats["diffusers"] += formats.pop("diffusers_old")
     fmt = formats.most_common(1)[0][0]
-    layout.setdefault("format", {"comfy": "kohya", "diffusers_old": "diffusers"}.get(fmt, fmt))
+    layout.setdefault("format", {"comfy": "kohya", "diffusers_old": "diffusers", "xlabs": "kohya"}.get(fmt, fmt))
     base = guess_base_model(metadata, layout, {k: m.in_features for k, m in modules.items()}, bases)
     return FilePlan(modules=modules, format=fmt, layout=layout, metadata=metadata,
                     dtype=dtypes.most_common(1)[0][0], base_model=base)
