@@ -107,7 +107,16 @@ def lokr(w1="whole", w2="factored", a=4, b=5, c=6, d=8, r1=2, r2=3, alpha=6.0, d
     return sd, name, shape, (_kron_ref(W1, W2) * scale).reshape(shape)
 
 
+def diff(shape=(12, 20), name=LIN, dtype=torch.float32):
+    sd = {f"{name}.diff": _g(*shape, dtype=dtype)}
+    return sd, name, shape, sd[f"{name}.diff"].double()
+
+
 VARIANTS = {
+    "diff_linear_wide": diff,
+    "diff_linear_tall": lambda: diff((20, 12)),
+    "diff_conv": lambda: diff((6, 4, 3, 3), name=CONV),
+    "diff_bf16": lambda: diff(dtype=torch.bfloat16),
     "loha": loha,
     "loha_fp16": lambda: loha(dtype=torch.float16),
     "loha_bf16": lambda: loha(dtype=torch.bfloat16),
@@ -210,7 +219,7 @@ def test_flux_fused_qkv_loha_is_split_like_plain_lora():
 
 
 def test_file_round_trip_and_merge_against_dense_float64(tmp_path):
-    """LoHa + LoKr + plain LoRA on one layer: task arithmetic and the file written from it equal the
+    """LoHa + LoKr + plain LoRA + full .diff on one layer: task arithmetic and the file written from it equal the
     float64 sum of the references; the output is a plain LoRA that ComfyUI loads with no skipped key."""
     m, n = 24, 40
     sd1, name, shape, ref1 = loha(m, n, 3, 2, alpha=5.0)
@@ -218,14 +227,16 @@ def test_file_round_trip_and_merge_against_dense_float64(tmp_path):
     down, up = _g(4, n), _g(m, 4)
     sd3 = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)}
     ref3 = up.double() @ down.double() * 0.5
+    sd4, _, _, ref4 = diff((m, n))
     paths = []
-    for i, sd in enumerate((sd1, sd2, sd3)):
+    for i, sd in enumerate((sd1, sd2, sd3, sd4)):
         p = tmp_path / f"in{i}.safetensors"
         save_file(sd, str(p))
         paths.append(str(p))
-    w = [0.7, 1.3, -0.4]
-    res = merge(paths, "ta", weights=w, device="cpu", compute_dtype=torch.float64)
-    want = w[0] * ref1 + w[1] * ref2 + w[2] * ref3
+    w = [0.7, 1.3, -0.4, 0.25]
+    # rank min(m, n): exact here (Σ input ranks = 46 > 24; the engine would write rank 46 otherwise)
+    res = merge(paths, "ta", weights=w, rank=min(m, n), device="cpu", compute_dtype=torch.float64)
+    want = w[0] * ref1 + w[1] * ref2 + w[2] * ref3 + w[3] * ref4
     got = res.lora[LIN_KEY].delta(torch.float64)
     assert rel(got, want) < 1e-10
     out = tmp_path / "merged.safetensors"
@@ -392,3 +403,10 @@ def test_stock_loraloader_on_lycoris_files_equals_merge_output_loaded_by_it(tmp_
             worst = max(worst, rel(d_got, d_ref))
     print(f"LoHa+LoKr+LoRA vs stock LoraLoader chain: worst rel err {worst:.2e}")
     assert worst < 1e-5, worst
+
+
+def test_one_dimensional_diff_is_refused_naming_the_key():
+    sd = {f"{LIN}.diff": _g(24), f"{CONV}.lora_down.weight": _g(2, 8, 3, 3), f"{CONV}.lora_up.weight": _g(16, 2, 1, 1)}
+    with pytest.raises(LoraFormatError) as e:
+        load_state_dict(sd, source="full.safetensors")
+    assert e.value.key == f"{LIN}.diff" and e.value.file == "full.safetensors" and "norm or bias" in str(e.value)

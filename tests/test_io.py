@@ -164,7 +164,7 @@ UNSUPPORTED = {
     # LoHa / LoKr are read (tests/test_formats_lycoris.py)
     "OFT": {f"{NAME}.oft_blocks": (4, 4, 4), f"{NAME}.alpha": ()},
     "DoRA": {f"{NAME}.lora_down.weight": (2, 16), f"{NAME}.lora_up.weight": (16, 2), f"{NAME}.dora_scale": (16, 1)},
-    "full weight difference": {f"{NAME}.diff": (16, 16)},
+    "full bias difference": {f"{NAME}.diff_b": (16,)},
 }
 
 

@@ -12,7 +12,8 @@
 Read: kohya/A1111/LyCORIS LoRA+LoCon (Tucker ``lora_mid`` folded), diffusers/PEFT (``lora_A/lora_B``,
 ``lora_adapter_metadata``, ``adapter_config.json``, rank/alpha patterns, rsLoRA), generic PEFT
 (``base_model.model.``), ComfyUI (``diffusion_model.``, ``text_encoders.``), old diffusers
-attention processors. Refused with :class:`UnsupportedFormatError`: LoHa, LoKr, OFT, DoRA, diffs, ...
+attention processors, XLabs Flux, LyCORIS LoHa / LoKr / full ``.diff`` (exact low rank, formats/lycoris.py).
+Refused with :class:`UnsupportedFormatError`: OFT, DoRA, bias diffs, ...
 """
 from __future__ import annotations
 

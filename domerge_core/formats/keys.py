@@ -53,7 +53,6 @@ _UNSUPPORTED: Tuple[Tuple[str, str], ...] = (
     (".b1.weight", "LyCORIS GLoRA"),
 )
 _UNSUPPORTED_SUFFIX: Tuple[Tuple[str, str], ...] = (
-    (".diff", "full weight difference (.diff)"),
     (".diff_b", "full bias difference (.diff_b)"),
     (".base_layer.weight", "full base weight (PEFT modules_to_save / save_embedding_layers)"),
     (".modules_to_save.default.weight", "full weight (PEFT modules_to_save)"),

@@ -20,6 +20,9 @@ conv the kernel lives in W₂, and the column order of ``kron(D₁, D₂)`` is t
 r`` with r the inner size of the factored W₂, else of the factored W₁, else 1 (ComfyUI's rule: alpha is
 ignored when both are stored whole).
 
+A full ``.diff`` (LyCORIS "full", ComfyUI ``weight += strength · diff``) is read exactly as ``(ΔW, I)`` /
+``(I, ΔW)`` of rank min(m, n) (merging truncates it with ``--rank``/``--energy`` like any input).
+
 Only when LoHa's rank r₁r₂ exceeds min(m, n) is its dense update built (one module at a time, at
 load) and written exactly as ``(ΔW, I)`` / ``(I, ΔW)`` of rank min(m, n) — no larger than the factors.
 
@@ -36,9 +39,10 @@ from ..errors import LoraFormatError
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 # (suffix, role, family) entries for keys.SUFFIXES
-SUFFIXES = tuple(("." + r, r, "loha") for r in LOHA_ROLES) + tuple(("." + r, r, "lokr") for r in LOKR_ROLES)
-FAMILIES = ("loha", "lokr")
-NAMES = {"loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}
+SUFFIXES = (tuple(("." + r, r, "loha") for r in LOHA_ROLES) + tuple(("." + r, r, "lokr") for r in LOKR_ROLES)
+            + ((".diff", "diff", "diff"),))
+FAMILIES = ("loha", "lokr", "diff")
+NAMES = {"loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "diff": "full weight difference (.diff)"}
 
 _CONV3_TAILS = (".conv1", ".conv2", ".conv_in", ".conv_out", ".conv")
 
@@ -53,6 +57,8 @@ def check_roles(name: str, family: str, roles: Dict[str, str], file: Optional[st
             raise LoraFormatError(f"{what} module {name!r} has no {role} tensor (expected {name}.{role})",
                                   file=file, key=any_key)
 
+    if family == "diff":
+        return
     if family == "loha":
         for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
             need(r)
@@ -113,6 +119,15 @@ def _whole_rank(a: int, b: int) -> int:
 def geometry(src, name: str, family: str, roles: Dict[str, str]):
     """(out, in, rank, kernel or None, alpha divisor or None) from shapes only."""
     sh = _Shapes(src, name, family, roles)
+    if family == "diff":          # a full ΔW (ComfyUI: weight += strength · diff): exact at rank min(m, n)
+        k = roles["diff"]
+        s = tuple(int(x) for x in src.shapes[k])
+        if len(s) not in (2, 4) or any(x <= 0 for x in s):
+            raise LoraFormatError(f"a .diff of shape {list(s)} (a norm or bias difference) cannot be merged as a "
+                                  f"LoRA; only 2-D (linear) and 4-D (conv) weight differences can",
+                                  file=src.label, key=k)
+        m, n = s[0], _flat(s)
+        return m, n, min(m, n), (s[2:] if len(s) == 4 else None), None
     if family == "loha":
         kernel = None
         ranks, outs, ins = [], [], []
@@ -222,9 +237,21 @@ def _capped(u, d):
     return torch.eye(m, dtype=w.dtype), w
 
 
+def _capped_dense(w):
+    """A dense m×n update as exact factors of rank min(m, n): (ΔW, I) or (I, ΔW)."""
+    import torch
+    m, n = w.shape
+    if n <= m:
+        return w, torch.eye(n, dtype=w.dtype)
+    return torch.eye(m, dtype=w.dtype), w
+
+
 def factors(get: Callable[[str], "object"], family: str, roles: Dict[str, str]):
     """(up m×rank, down rank×n) of one LoHa/LoKr module; ``get(role)`` returns the stored tensor."""
     import torch
+    if family == "diff":
+        w = get("diff").to(torch.float64)
+        return _capped_dense(w.reshape(w.shape[0], -1))
     if family == "loha":
         parts = []
         for i in ("1", "2"):
