@@ -195,6 +195,7 @@ def strength_multiplier(model: float, clip: float, blocks=None, base_model: Opti
         s = clip if is_text_encoder(key) else model
         return (s / weight) * (bm(key) if bm else 1.0)
 
+    factor.spec = (model, clip, None if blocks is None else str(blocks), base_model)   # type: ignore[attr-defined]
     return weight, factor
 
 

@@ -248,3 +248,20 @@ def test_node_clip_strength_equals_stock_loraloader_strength_clip(tmp_path):
             b = library.patched_weight(base, key)
             d1, d2 = library.patched_weight(p1, key) - b, library.patched_weight(p2, key) - b
             assert float((d1 - d2).norm() / d2.norm()) < 1e-4, key
+
+
+def test_panel_block_weights_reach_merge_kwargs(tmp_path):
+    import domerge_widgets
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    _tiny(a, 1), _tiny(b, 2)
+    p = domerge_widgets.MergePanel(loras=[str(a), str(b)])
+    assert "multipliers" not in p.merge_kwargs()
+    p.rows[0].blocks.value = "SD-OUTALL"
+    kw = p.merge_kwargs()
+    f = kw["multipliers"][0]
+    assert kw["multipliers"][1] is None
+    assert f("unet.down_blocks.1.attentions.0.proj_in") == 0.0 and f("unet.up_blocks.1.attentions.0.proj_in") == 1.0
+    assert p.is_stale
+    p.rows[0].blocks.value = "1,2"                     # fits no layout: the panel says so, no exception
+    assert p.is_stale
