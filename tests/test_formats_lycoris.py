@@ -410,3 +410,46 @@ def test_one_dimensional_diff_is_refused_naming_the_key():
     with pytest.raises(LoraFormatError) as e:
         load_state_dict(sd, source="full.safetensors")
     assert e.value.key == f"{LIN}.diff" and e.value.file == "full.safetensors" and "norm or bias" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# DoRA with a base weight
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["linear_in_axis", "linear_out_axis", "conv_in_axis"])
+def test_dora_with_base_equals_comfyui_weight_decompose(case):
+    conv = case.startswith("conv")
+    name = CONV if conv else LIN
+    m, c = (16, 8) if conv else (24, 40)
+    kk = (3, 3) if conv else ()
+    shape = (m, c, *kk)
+    r = 3
+    sd = {f"{name}.lora_down.weight": _g(r, c, *kk), f"{name}.lora_up.weight": _g(m, r, *((1, 1) if conv else ())),
+          f"{name}.alpha": torch.tensor(2.0)}
+    sd[f"{name}.dora_scale"] = (_g(m, 1).abs() + 0.5) if case.endswith("out_axis") else \
+        (_g(1, c, *((1, 1) if conv else ())).abs() + 0.5)
+    W = _g(*shape, dtype=torch.float64)          # ComfyUI computes in the weight dtype: float64 here
+    with pytest.raises(UnsupportedFormatError, match="DoRA"):          # no base: the refusal stays
+        load_state_dict(sd, source="dora.safetensors")
+    seen = []
+    lora = load_state_dict(sd, source="dora.safetensors", base=lambda key, src: seen.append((key, src)) or W)
+    mod = next(iter(lora))
+    assert mod.rank == min(m, c * (9 if conv else 1)) and mod.weight_shape == shape
+    ours = mod.delta(torch.float64).reshape(shape)
+    assert seen == [(CONV_KEY if conv else LIN_KEY, name)]
+    patches = comfy.lora.load_lora(sd, {name: name + ".weight"}, log_missing=False)
+    theirs = comfy.lora.calculate_weight([(1.0, patches[name + ".weight"], 1.0, None, None)], W.clone(), name,
+                                         intermediate_dtype=torch.float64) - W
+    assert theirs.abs().max() > 0
+    assert rel(ours, theirs) < 1e-12, case
+    # ComfyUI's strength is linear in the decomposed update, as a merge weight is
+    half = comfy.lora.calculate_weight([(0.5, patches[name + ".weight"], 1.0, None, None)], W.clone(), name,
+                                       intermediate_dtype=torch.float64) - W
+    assert rel(0.5 * ours, half) < 1e-12
+
+
+def test_dora_without_its_base_weight_names_the_key():
+    sd = {f"{LIN}.lora_down.weight": _g(2, 40), f"{LIN}.lora_up.weight": _g(24, 2), f"{LIN}.dora_scale": _g(1, 40)}
+    lora = load_state_dict(sd, source="d.safetensors", base=lambda key, src: None)
+    with pytest.raises(LoraFormatError) as e:
+        next(iter(lora)).factors()
+    assert e.value.key == f"{LIN}.dora_scale" and "base weight" in str(e.value)

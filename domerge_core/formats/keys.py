@@ -30,6 +30,7 @@ SUFFIXES: Tuple[Tuple[str, str, str], ...] = (
     (".lora.up.weight", "up", "old"),
 ) + lycoris.SUFFIXES + (
     (".alpha", "alpha", ""),
+    (".dora_scale", "dora_scale", ""),      # read only with a base weight (group_keys(allow_dora=True))
 )
 
 # markers of adapter types that are not plain LoRA: (substring or suffix test, description)
@@ -92,13 +93,16 @@ def split_key(key: str) -> Optional[Tuple[str, str, str]]:
     return None
 
 
-def group_keys(keys: Iterable[str], file: Optional[str]) -> List[ModuleKeys]:
-    """Group tensor keys by module, in file order. Raises on the first key of a type we refuse."""
+def group_keys(keys: Iterable[str], file: Optional[str], allow_dora: bool = False) -> List[ModuleKeys]:
+    """Group tensor keys by module, in file order. Raises on the first key of a type we refuse
+    (kohya/LyCORIS ``dora_scale`` is refused unless ``allow_dora``: its update needs the base weight)."""
     groups: Dict[str, ModuleKeys] = {}
-    pending_alpha: Dict[str, str] = {}
+    pending_alpha: Dict[Tuple[str, str], str] = {}
     keys = list(keys)
     for key in keys:
         what = classify_unsupported(key)
+        if what and allow_dora and key.endswith(".dora_scale"):
+            what = None
         if what:
             raise UnsupportedFormatError(
                 f"format found: {what}; only plain LoRA/LoCon factors can be merged "
@@ -109,8 +113,8 @@ def group_keys(keys: Iterable[str], file: Optional[str]) -> List[ModuleKeys]:
             raise LoraFormatError(f"tensor {key!r} is not a LoRA factor (expected lora_down/lora_up, "
                                   f"lora_A/lora_B or alpha keys)", file=file, key=key)
         name, role, family = parsed
-        if role == "alpha":
-            pending_alpha[name] = key
+        if role in ("alpha", "dora_scale"):
+            pending_alpha[(name, role)] = key
             continue
         g = groups.get(name)
         if g is None:
@@ -121,14 +125,17 @@ def group_keys(keys: Iterable[str], file: Optional[str]) -> List[ModuleKeys]:
         if role in g.keys:
             raise LoraFormatError(f"duplicate {role} factor for module {name!r}", file=file, key=key)
         g.keys[role] = key
-    for name, key in pending_alpha.items():
+    for (name, role), key in pending_alpha.items():
         g = groups.get(name)
         if g is None:
             # old diffusers alphas: "<module>.alpha" where factors are "<module>_lora.down.weight" etc.
-            raise LoraFormatError(f"alpha without LoRA factors for module {name!r}", file=file, key=key)
-        g.keys["alpha"] = key
+            raise LoraFormatError(f"{role} without LoRA factors for module {name!r}", file=file, key=key)
+        g.keys[role] = key
     for g in groups.values():
         if g.family in lycoris.FAMILIES:
+            if "dora_scale" in g.keys:
+                raise UnsupportedFormatError(f"format found: DoRA on {lycoris.NAMES[g.family]}; only LoRA/LoCon "
+                                             f"DoRA is read (with a base)", file=file, key=g.keys["dora_scale"])
             lycoris.check_roles(g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"}, file)
             continue
         if "down" not in g.keys:

@@ -425,6 +425,7 @@ class ModulePlan:
     group: ModuleKeys                     # the file's keys of this module
     rows: Optional[Tuple[int, int]]       # up-row range (a split of a fused module) or None
     dtype: str                            # safetensors dtype name of the factors
+    lora_scale: Optional[float] = None    # DoRA: the LoRA's own scale (``scale`` is then 1: dense ΔW)
 
 
 @dataclass
@@ -438,9 +439,9 @@ class FilePlan:
 
 
 def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, *,
-                 adapter_config: Optional[Mapping[str, Any]] = None) -> FilePlan:
+                 adapter_config: Optional[Mapping[str, Any]] = None, allow_dora: bool = False) -> FilePlan:
     metadata = dict(metadata or {})
-    groups = group_keys(src.keys(), src.label)
+    groups = group_keys(src.keys(), src.label, allow_dora=allow_dora)
     cfgs = _configs_from_metadata(metadata, src.label)
     labels = {k: src.label for k in cfgs}
     if adapter_config:
@@ -488,13 +489,21 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             scale = 1.0
         dt = src.dtypes[g.keys["up"] if not lyco else next(iter(g.keys.values()))]
         dtypes[dt] += 1
+        lora_scale = None
+        if "dora_scale" in g.keys:          # dense update from the base weight, exact at rank min(m, n)
+            _check_float(src, g.keys["dora_scale"])
+            if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
+                raise UnsupportedFormatError("DoRA on a fused module (split into several) is not supported",
+                                             file=src.label, key=g.keys["dora_scale"])
+            lora_scale, scale, rank = scale, 1.0, min(out_f, in_f)
         for key, rows in mapped.targets:
             if key in modules:
                 raise LoraFormatError(f"two entries map to the same module {key!r}", file=src.label,
                                       key=g.keys["down"])
             modules[key] = ModulePlan(key=key, kind="conv" if kernel else "linear",
                                       out_features=rows[1] - rows[0] if rows else out_f, in_features=in_f,
-                                      rank=rank, scale=scale, kernel_size=kernel, group=g, rows=rows, dtype=dt)
+                                      rank=rank, scale=scale, kernel_size=kernel, group=g, rows=rows, dtype=dt,
+                                      lora_scale=lora_scale)
     if formats.get("diffusers") and formats.get("diffusers_old"):
         # diffusers files written for ComfyUI too keep the UNet in attention-processor names
         formats["diffusers"] += formats.pop("diffusers_old")

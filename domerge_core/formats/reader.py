@@ -2,7 +2,7 @@
 only when a module's ``loader`` is called (NaN/inf are refused then, naming the key)."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import math
 
@@ -58,13 +58,57 @@ def _loader(src: TensorSource, g: ModuleKeys, out_f: int, rows: Optional[Tuple[i
     return load
 
 
+BaseFn = Callable[[str, str], Optional[torch.Tensor]]
+
+
+def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
+    """DoRA as ComfyUI applies it (``weight_decompose``): W' = (W + s·BA) · m / ‖W + s·BA‖ (per input
+    column; per output row with ``‖W‖`` when ``dora_scale`` has one value per output), ΔW = W' − W —
+    dense, from the base weight, written exactly as (ΔW, I) / (I, ΔW)."""
+    plain = _loader(src, p.group, p.out_features, None)
+    dk = p.group.keys["dora_scale"]
+
+    def load():
+        w = base(p.key, p.group.name)
+        if w is None:
+            raise LoraFormatError("DoRA module: its base weight was not found in the given base model",
+                                  file=src.label, key=dk)
+        shape = (p.out_features, *( (p.in_features // (p.kernel_size[0] * p.kernel_size[1]), *p.kernel_size)
+                                    if p.kernel_size else (p.in_features,)))
+        if w.numel() != p.out_features * p.in_features:
+            raise LoraFormatError(f"DoRA module: base weight has shape {list(w.shape)}, the LoRA patches "
+                                  f"{list(shape)}", file=src.label, key=dk)
+        eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0
+        W = w.to(torch.float64).reshape(shape)
+        up, down = plain()
+        diff = ((up.to(torch.float64) @ down.to(torch.float64)) * p.lora_scale).reshape(shape)
+        mag = _finite(src.get(dk), src, dk).to(torch.float64)
+        calc = W + diff
+        if mag.shape[0] == shape[0]:        # one magnitude per output row (ComfyUI normalises W itself)
+            norm = W.reshape(shape[0], -1).norm(dim=1).reshape(shape[0], *[1] * (len(shape) - 1))
+        else:                               # kohya / LyCORIS / PEFT: per input column of W + ΔW
+            norm = calc.transpose(0, 1).reshape(shape[1], -1).norm(dim=1).reshape(
+                shape[1], *[1] * (len(shape) - 1)).transpose(0, 1)
+        if mag.numel() != norm.numel():
+            raise LoraFormatError(f"dora_scale has shape {list(mag.shape)}, expected {list(norm.shape)}",
+                                  file=src.label, key=dk)
+        dW = calc * (mag.reshape(norm.shape) / (norm + eps)) - W
+        return lycoris._capped_dense(dW.reshape(shape[0], -1))
+
+    return load
+
+
 def build_lora(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, *,
-               adapter_config: Optional[Mapping[str, Any]] = None) -> Lora:
-    plan = plan_modules(src, metadata, adapter_config=adapter_config)
+               adapter_config: Optional[Mapping[str, Any]] = None, base: Optional[BaseFn] = None) -> Lora:
+    """``base(canonical key, module name in the file) -> weight tensor or None``: the base model's
+    weights, needed by (and only read for) DoRA modules; without it DoRA files are refused."""
+    plan = plan_modules(src, metadata, adapter_config=adapter_config, allow_dora=base is not None)
     modules = {}
     for key, p in plan.modules.items():
+        loader = (_dora_loader(src, p, base) if p.lora_scale is not None
+                  else _loader(src, p.group, p.out_features, p.rows))
         modules[key] = LoraModule(key=key, kind=p.kind, out_features=p.out_features, in_features=p.in_features,
-                                  rank=p.rank, scale=p.scale, loader=_loader(src, p.group, p.out_features, p.rows),
+                                  rank=p.rank, scale=p.scale, loader=loader,
                                   kernel_size=p.kernel_size, source_name=p.group.name, dtype=torch_dtype(p.dtype))
     return Lora(modules=modules, format=plan.format, source=src.label, metadata=plan.metadata,
                 dtype=torch_dtype(plan.dtype), base_model=plan.base_model, layout=plan.layout)
