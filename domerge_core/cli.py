@@ -221,7 +221,11 @@ def cmd_merge(args) -> int:
     t0 = time.perf_counter()
     clip_weights = _parse_weights(args.clip_weights, len(args.inputs), flag="--clip-weights")
     block_specs = _parse_block_weights(args.block_weights, len(args.inputs))
-    loras = [dc.load_lora(p) for p in args.inputs]
+    base = None
+    if args.base:
+        from .formats.base import base_weights
+        base = base_weights(args.base)
+    loras = [dc.load_lora(p, base=base) for p in args.inputs]
     if args.format:                  # before the work: a layout these models' clients cannot load
         for lora in loras:
             dc.check_loadable(lora, args.format)
@@ -347,6 +351,8 @@ def build_parser(method_params: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--method", default=None,
                    help="merge method (see `domerge methods`, which names the default and why)")
     p.add_argument("--weights", default=None, help="strengths w1,w2,... (default 1 each)")
+    p.add_argument("--base", default=None, metavar="MODEL.safetensors",
+                   help="the base model (SD/SDXL checkpoint or diffusers component file): DoRA inputs need it")
     p.add_argument("--clip-weights", default=None,
                    help="text-encoder strengths c1,c2,... (default: the --weights); like LoraLoader's strength_clip")
     p.add_argument("--block-weights", action="append", default=None, metavar="VECTOR",

@@ -453,3 +453,27 @@ def test_dora_without_its_base_weight_names_the_key():
     with pytest.raises(LoraFormatError) as e:
         next(iter(lora)).factors()
     assert e.value.key == f"{LIN}.dora_scale" and "base weight" in str(e.value)
+
+
+def test_cli_base_checkpoint_feeds_dora(tmp_path):
+    """``domerge merge --base ckpt`` reads DoRA inputs against an SGM checkpoint's weights."""
+    from domerge_core.cli import main
+
+    name = "lora_unet_input_blocks_4_1_proj_in"          # SGM kohya name -> unet.down_blocks.1.attentions.0.proj_in
+    m, n = 24, 40
+    sd = {f"{name}.lora_down.weight": _g(2, n), f"{name}.lora_up.weight": _g(m, 2), f"{name}.alpha": torch.tensor(1.0),
+          f"{name}.dora_scale": _g(1, n).abs() + 0.5}
+    W = _g(m, n)
+    save_file(sd, str(tmp_path / "dora.safetensors"))
+    save_file({"model.diffusion_model.input_blocks.4.1.proj_in.weight": W,
+               "model.diffusion_model.input_blocks.4.1.proj_in.bias": _g(m)}, str(tmp_path / "ckpt.safetensors"))
+    out = tmp_path / "out.safetensors"
+    assert main(["merge", str(tmp_path / "dora.safetensors"), "-o", str(out), "--method", "ta",
+                 "--weights", "0.5", "-q"]) == 2                                   # refused without --base
+    assert main(["merge", str(tmp_path / "dora.safetensors"), "-o", str(out), "--method", "ta", "--weights", "0.5",
+                 "--base", str(tmp_path / "ckpt.safetensors"), "--dtype", "fp32", "-q"]) == 0
+    patches = comfy.lora.load_lora(sd, {name: name + ".weight"}, log_missing=False)
+    want = comfy.lora.calculate_weight([(0.5, patches[name + ".weight"], 1.0, None, None)], W.double().clone(), name,
+                                       intermediate_dtype=torch.float64) - W.double()
+    got = load_lora(str(out))["unet.down_blocks.1.attentions.0.proj_in"].delta(torch.float64)
+    assert rel(got, want) < 1e-5
