@@ -84,7 +84,8 @@ class DomergeMergeLoras:
         if not entries:
             raise glue.NodeInputError("no LoRAs to merge: connect a 'LoRA list'")
         params = method_params(method, options)
-        inputs = [domerge_core.load_lora(glue.lora_path(e["name"])) for e in entries]
+        base = glue.base_weight_fn(model, clip)           # DoRA inputs are read against these weights
+        inputs = [domerge_core.load_lora(glue.lora_path(e["name"]), base=base) for e in entries]
         aligner = None
         if model is not None or clip is not None:
             aligner = glue.KeyAligner(model, clip)

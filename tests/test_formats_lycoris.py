@@ -477,3 +477,47 @@ def test_cli_base_checkpoint_feeds_dora(tmp_path):
                                        intermediate_dtype=torch.float64) - W.double()
     got = load_lora(str(out))["unet.down_blocks.1.attentions.0.proj_in"].delta(torch.float64)
     assert rel(got, want) < 1e-5
+
+
+def test_merge_node_reads_dora_against_the_connected_model(tmp_path, caplog):
+    """A DoRA LoRA on the tiny SD1.5: the merge node with MODEL/CLIP connected ('ta', full rank) then
+    applied at 1/1 patches what stock LoraLoader patches from the DoRA file at the same strength."""
+    import logging
+
+    from comfy_support import library
+    from comfy_support import tiny_sd15 as t
+    import domerge_nodes
+    import folder_paths
+    import nodes as comfy_nodes
+
+    dirs = library.setup_folders(tmp_path)
+    shapes, targets = t._meta_shapes(), t._unet_targets()
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for diff_path, ckey in t._pick(targets, t._ATTN)[:6]:
+        m, n = shapes[ckey]
+        base = "lora_unet_" + diff_path.replace(".", "_")
+        sd[base + ".lora_down.weight"] = torch.randn(4, n, generator=g) / n ** 0.5
+        sd[base + ".lora_up.weight"] = torch.randn(m, 4, generator=g) * 0.3
+        sd[base + ".alpha"] = torch.tensor(4.0)
+        sd[base + ".dora_scale"] = torch.rand(1, n, generator=g) + 0.5
+    save_file(sd, str(dirs["loras"] / "dora.safetensors"))
+    folder_paths.filename_list_cache.clear()
+    model, clip, _ = library.load_checkpoint()
+    (loras,) = domerge_nodes.NODE_CLASS_MAPPINGS["DomergeLoraList"]().build("dora.safetensors", 0.8)
+    node = domerge_nodes.NODE_CLASS_MAPPINGS["DomergeMergeLoras"]()
+    widgets = {k: v[1]["default"] for k, v in node.INPUT_TYPES()["required"].items()
+               if k not in ("loras", "method") and isinstance(v[1], dict) and "default" in v[1]}
+    merged, text = node.merge(loras, "ta", model=model, clip=clip, **widgets)
+    m1, _ = domerge_nodes.NODE_CLASS_MAPPINGS["DomergeApplyLora"]().apply(model, clip, merged, 1.0, 1.0)
+    with caplog.at_level(logging.WARNING):
+        m2, _ = comfy_nodes.LoraLoader().load_lora(model, clip, "dora.safetensors", 0.8, 0.8)
+    assert "lora key not loaded" not in caplog.text
+    assert set(m1.patches) == set(m2.patches) and len(m2.patches) == 6
+    worst = 0.0
+    for key in m2.patches:
+        b = library.patched_weight(model, key)
+        d1, d2 = library.patched_weight(m1, key) - b, library.patched_weight(m2, key) - b
+        worst = max(worst, rel(d1, d2))
+    print(f"DoRA via node vs stock LoraLoader: worst rel err {worst:.2e}")
+    assert worst < 1e-5
