@@ -7,8 +7,8 @@ Real module shapes (``benchmarks/synthetic.py``), factors in fp16 held in memory
   (factor 8: whole 8×8 ``lokr_w1`` ⊗ rank-8 ``lokr_w2_a/b``: an exact rank-64 module);
 - ``plain64``: the same kohya LoRA rank 32 and two plain LoRAs of rank 64 (the LoHa/LoKr exact ranks).
 
-Each merge runs ``ta`` and ``do`` at output rank 32 on one CPU thread; printed: wall time of the merge
-(reading the factors included), and the time to build every module's (up, down) without merging
+Each merge runs ``ta`` and ``do`` at output rank 32 on one CPU thread; printed: wall and CPU time of the
+merge (reading the factors included; CPU time is the robust one on a shared machine), and the time to build every module's (up, down) without merging
 (the LoHa/LoKr reading cost: face-splitting / Khatri–Rao / Kronecker products of the stored factors).
 
     OMP_NUM_THREADS=1 python benchmarks/speed/bench_lycoris.py --model sd15 --te
@@ -98,9 +98,10 @@ def main():
           f"plain64 {read_all(same):.2f} s")
     for method in args.methods.split(","):
         for label, inputs in (("plain", plain), ("lycoris", lyco), ("plain64", same)):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             merge(inputs, method, weights=[1.0, 0.7, 0.5], rank=args.rank, device="cpu")
-            print(f"{method:3s} {label:8s} merge at rank {args.rank}: {time.perf_counter() - t:.2f} s")
+            print(f"{method:3s} {label:8s} merge at rank {args.rank}: wall {time.perf_counter() - t:.2f} s, "
+                  f"CPU {time.process_time() - c:.2f} s")
 
 
 if __name__ == "__main__":
