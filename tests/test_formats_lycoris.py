@@ -521,3 +521,17 @@ def test_merge_node_reads_dora_against_the_connected_model(tmp_path, caplog):
         worst = max(worst, rel(d1, d2))
     print(f"DoRA via node vs stock LoraLoader: worst rel err {worst:.2e}")
     assert worst < 1e-5
+
+
+def test_inspect_names_the_adapter_types(tmp_path):
+    from domerge_core import describe
+
+    sd, *_ = loha()
+    sd.update(lokr(name=CONV, conv=(3, 3), c=4, d=2)[0])
+    p = tmp_path / "mixed.safetensors"
+    save_file(sd, str(p))
+    d = describe(str(p))                      # header only
+    assert d["adapters"] == {"loha": 1, "lokr": 1} and d["modules"] == 2
+    sd3 = {f"{LIN}.lora_down.weight": _g(2, 40), f"{LIN}.lora_up.weight": _g(24, 2)}
+    save_file(sd3, str(tmp_path / "plain.safetensors"))
+    assert "adapters" not in describe(str(tmp_path / "plain.safetensors"))
