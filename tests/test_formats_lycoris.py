@@ -535,3 +535,30 @@ def test_inspect_names_the_adapter_types(tmp_path):
     sd3 = {f"{LIN}.lora_down.weight": _g(2, 40), f"{LIN}.lora_up.weight": _g(24, 2)}
     save_file(sd3, str(tmp_path / "plain.safetensors"))
     assert "adapters" not in describe(str(tmp_path / "plain.safetensors"))
+
+
+@pytest.mark.parametrize("case", ["linear", "linear_constrained", "conv"])
+def test_oft_with_base_equals_comfyui(case):
+    """LyCORIS OFT (``oft_blocks``): with the base weight, the dense update ComfyUI's OFT adapter
+    patches at strength 1; refused without a base."""
+    conv = case == "conv"
+    name = CONV if conv else LIN
+    k, b = 4, 4
+    shape = (k * b, 8, 3, 3) if conv else (k * b, 20)
+    sd = {f"{name}.oft_blocks": _g(k, b, b) * 0.1}
+    if case == "linear_constrained":
+        sd[f"{name}.alpha"] = torch.tensor(0.05)
+    else:
+        sd[f"{name}.alpha"] = torch.tensor(0.0)
+    W = _g(*shape)           # float32: ComfyUI's OFT fails ("expected Double") with a float64 weight
+    with pytest.raises(UnsupportedFormatError, match="OFT"):
+        load_state_dict(sd, source="oft.safetensors")
+    lora = load_state_dict(sd, source="oft.safetensors", base=lambda key, src: W)
+    mod = next(iter(lora))
+    assert mod.weight_shape == shape
+    ours = mod.delta(torch.float64).reshape(shape)
+    patches = comfy.lora.load_lora(sd, {name: name + ".weight"}, log_missing=False)
+    theirs = (comfy.lora.calculate_weight([(1.0, patches[name + ".weight"], 1.0, None, None)], W.clone(), name,
+                                          intermediate_dtype=torch.float32) - W).double()
+    assert theirs.abs().max() > 0
+    assert rel(ours, theirs) < 1e-5, case        # ComfyUI works in float32

@@ -62,5 +62,10 @@ def base_weights(path: str) -> Callable[[str, str], "Optional[object]"]:
         k = index.get(key)
         return lazy.get(k) if k is not None else None
 
+    def shape(key: str, _name: str = ""):
+        k = index.get(key)
+        return tuple(header.tensors[k].shape) if k is not None else None
+
     get.index = index      # type: ignore[attr-defined]
+    get.shape = shape      # type: ignore[attr-defined]  (header-only, for OFT's geometry)
     return get

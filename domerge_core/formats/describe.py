@@ -56,7 +56,8 @@ def _plan_of_file(path: str):
                             dtype=short_name(m.dtype), out_features=m.out_features,
                             in_features=m.in_features,
                             adapter=("dora" if m.lora_scale is not None else
-                                     {"loha": "loha", "lokr": "lokr", "diff": "diff"}.get(m.group.family, "lora")))
+                                     {"loha": "loha", "lokr": "lokr", "diff": "diff", "oft": "oft"}.get(
+                                         m.group.family, "lora")))
             for m in p.modules.values()]
     return SimpleNamespace(modules=mods, format=p.format, base_model=p.base_model, layout=p.layout,
                            metadata=p.metadata, source=path)

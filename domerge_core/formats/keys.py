@@ -31,6 +31,8 @@ SUFFIXES: Tuple[Tuple[str, str, str], ...] = (
 ) + lycoris.SUFFIXES + (
     (".alpha", "alpha", ""),
     (".dora_scale", "dora_scale", ""),      # read only with a base weight (group_keys(allow_dora=True))
+    (".oft_blocks", "oft_blocks", "oft"),   # LyCORIS OFT: idem
+    (".rescale", "rescale", ""),            # OFT's rescale (loaded, not applied, by ComfyUI)
 )
 
 # markers of adapter types that are not plain LoRA: (substring or suffix test, description)
@@ -101,7 +103,7 @@ def group_keys(keys: Iterable[str], file: Optional[str], allow_dora: bool = Fals
     keys = list(keys)
     for key in keys:
         what = classify_unsupported(key)
-        if what and allow_dora and key.endswith(".dora_scale"):
+        if what and allow_dora and key.endswith((".dora_scale", ".oft_blocks")):
             what = None
         if what:
             raise UnsupportedFormatError(
@@ -113,7 +115,7 @@ def group_keys(keys: Iterable[str], file: Optional[str], allow_dora: bool = Fals
             raise LoraFormatError(f"tensor {key!r} is not a LoRA factor (expected lora_down/lora_up, "
                                   f"lora_A/lora_B or alpha keys)", file=file, key=key)
         name, role, family = parsed
-        if role in ("alpha", "dora_scale"):
+        if role in ("alpha", "dora_scale", "rescale"):
             pending_alpha[(name, role)] = key
             continue
         g = groups.get(name)
@@ -136,7 +138,8 @@ def group_keys(keys: Iterable[str], file: Optional[str], allow_dora: bool = Fals
             if "dora_scale" in g.keys:
                 raise UnsupportedFormatError(f"format found: DoRA on {lycoris.NAMES[g.family]}; only LoRA/LoCon "
                                              f"DoRA is read (with a base)", file=file, key=g.keys["dora_scale"])
-            lycoris.check_roles(g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"}, file)
+            lycoris.check_roles(g.name, g.family, {r: k for r, k in g.keys.items() if r not in ("alpha", "rescale")},
+                                file)
             continue
         if "down" not in g.keys:
             raise LoraFormatError(f"module {g.name!r} has an up factor but no down factor", file=file,

@@ -41,8 +41,9 @@ LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr
 # (suffix, role, family) entries for keys.SUFFIXES
 SUFFIXES = (tuple(("." + r, r, "loha") for r in LOHA_ROLES) + tuple(("." + r, r, "lokr") for r in LOKR_ROLES)
             + ((".diff", "diff", "diff"),))
-FAMILIES = ("loha", "lokr", "diff")
-NAMES = {"loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "diff": "full weight difference (.diff)"}
+FAMILIES = ("loha", "lokr", "diff", "oft")
+NAMES = {"loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "diff": "full weight difference (.diff)",
+         "oft": "LyCORIS OFT"}
 
 _CONV3_TAILS = (".conv1", ".conv2", ".conv_in", ".conv_out", ".conv")
 
@@ -57,7 +58,7 @@ def check_roles(name: str, family: str, roles: Dict[str, str], file: Optional[st
             raise LoraFormatError(f"{what} module {name!r} has no {role} tensor (expected {name}.{role})",
                                   file=file, key=any_key)
 
-    if family == "diff":
+    if family in ("diff", "oft"):
         return
     if family == "loha":
         for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
@@ -128,6 +129,11 @@ def geometry(src, name: str, family: str, roles: Dict[str, str]):
                                   file=src.label, key=k)
         m, n = s[0], _flat(s)
         return m, n, min(m, n), (s[2:] if len(s) == 4 else None), None
+    if family == "oft":           # rows only; the columns come from the base weight (plan.py)
+        bs = sh("oft_blocks", (3,))
+        if bs[1] != bs[2]:
+            raise sh.bad(f"oft_blocks of shape {list(bs)} are not square blocks", "oft_blocks")
+        return bs[0] * bs[1], None, None, None, None
     if family == "loha":
         kernel = None
         ranks, outs, ins = [], [], []
@@ -244,6 +250,24 @@ def _capped_dense(w):
     if n <= m:
         return w, torch.eye(n, dtype=w.dtype)
     return torch.eye(m, dtype=w.dtype), w
+
+
+def oft_update(blocks, W, alpha: Optional[float]):
+    """ComfyUI's OFT at strength 1: R_k = (I + Q_k)(I − Q_k)⁻¹ with Q = B − Bᵀ (scaled to ‖Q‖ ≤ alpha
+    when alpha > 0), ΔW = blockdiag(R_kᵀ − I) · W (rows in blocks of the block size)."""
+    import torch
+    k, b, _ = blocks.shape
+    q = blocks.to(torch.float64)
+    q = q - q.transpose(1, 2)
+    if alpha is not None and alpha > 0:
+        qn = torch.linalg.norm(q) + 1e-8
+        if qn > alpha:
+            q = q * alpha / qn
+    eye = torch.eye(b, dtype=torch.float64)
+    r = (eye + q) @ torch.linalg.inv(eye - q)
+    Wb = W.to(torch.float64).reshape(k, b, -1)
+    d = torch.einsum("knm,knj->kmj", r - eye, Wb)
+    return d.reshape(k * b, -1)
 
 
 def factors(get: Callable[[str], "object"], family: str, roles: Dict[str, str]):

@@ -426,6 +426,7 @@ class ModulePlan:
     rows: Optional[Tuple[int, int]]       # up-row range (a split of a fused module) or None
     dtype: str                            # safetensors dtype name of the factors
     lora_scale: Optional[float] = None    # DoRA: the LoRA's own scale (``scale`` is then 1: dense ΔW)
+    oft_alpha: Optional[float] = None     # OFT (dense ΔW from the base weight): its constraint alpha (0: none)
 
 
 @dataclass
@@ -439,7 +440,8 @@ class FilePlan:
 
 
 def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, *,
-                 adapter_config: Optional[Mapping[str, Any]] = None, allow_dora: bool = False) -> FilePlan:
+                 adapter_config: Optional[Mapping[str, Any]] = None, allow_dora: bool = False,
+                 base_shape: Optional[Callable[[str, str], Optional[Tuple[int, ...]]]] = None) -> FilePlan:
     metadata = dict(metadata or {})
     groups = group_keys(src.keys(), src.label, allow_dora=allow_dora)
     cfgs = _configs_from_metadata(metadata, src.label)
@@ -466,14 +468,40 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
         else:
             out_f, in_f, rank, kernel = _module_geometry(src, g)
         mapped: Mapped = map_name(g.name, "down_up" if lyco else g.family, out_f)
-        if lyco and kernel is None:
+        oft_alpha = None
+        if g.family == "oft":         # the base weight gives the columns; dense ΔW, exact at rank min(m, n)
+            bk = g.keys["oft_blocks"]
+            if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
+                raise UnsupportedFormatError("OFT on a fused module (split into several) is not supported",
+                                             file=src.label, key=bk)
+            shape = base_shape(mapped.targets[0][0], g.name) if base_shape else None
+            if shape is None:
+                raise LoraFormatError("OFT module: its base weight was not found in the given base model",
+                                      file=src.label, key=bk)
+            shape = tuple(int(x) for x in shape)
+            if shape[0] != out_f or len(shape) not in (2, 4):
+                raise LoraFormatError(f"OFT blocks cover {out_f} rows, the base weight has shape {list(shape)}",
+                                      file=src.label, key=bk)
+            in_f = 1
+            for x in shape[1:]:
+                in_f *= x
+            kernel = shape[2:] if len(shape) == 4 else None
+            rank = min(out_f, in_f)
+            oft_alpha = 0.0               # OFT's alpha is a norm constraint; 0 (common) means none
+            if "alpha" in g.keys:
+                ak = g.keys["alpha"]
+                oft_alpha = float(src.scalar(ak)) if src.scalar else float(src.get(ak).reshape(()).double())
+                if not math.isfinite(oft_alpha):
+                    raise LoraFormatError(f"alpha is {oft_alpha} (not finite)", file=src.label, key=ak)
+            divisor = None
+        elif lyco and kernel is None:
             kernel = lycoris.conv_kernel_hint(mapped.targets[0][0], in_f)
         formats[mapped.format] += 1
         for k, v in mapped.layout.items():
             layout.setdefault(k, v)
         if mapped.base_hint:
             bases[mapped.base_hint] += 1
-        if lyco:     # ComfyUI's rules: alpha / (inner size of a stored factor pair), else 1
+        if lyco:     # ComfyUI's rules: alpha / (inner size of a stored factor pair), else 1 (OFT, diff: 1)
             scale = _alpha(src, g.keys["alpha"]) / divisor if "alpha" in g.keys and divisor else 1.0
         elif "alpha" in g.keys:
             scale = _alpha(src, g.keys["alpha"]) / rank
@@ -503,7 +531,7 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             modules[key] = ModulePlan(key=key, kind="conv" if kernel else "linear",
                                       out_features=rows[1] - rows[0] if rows else out_f, in_features=in_f,
                                       rank=rank, scale=scale, kernel_size=kernel, group=g, rows=rows, dtype=dt,
-                                      lora_scale=lora_scale)
+                                      lora_scale=lora_scale, oft_alpha=oft_alpha)
     if formats.get("diffusers") and formats.get("diffusers_old"):
         # diffusers files written for ComfyUI too keep the UNet in attention-processor names
         formats["diffusers"] += formats.pop("diffusers_old")

@@ -98,15 +98,41 @@ def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
     return load
 
 
+def _oft_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
+    bk = p.group.keys["oft_blocks"]
+
+    def load():
+        w = base(p.key, p.group.name)
+        if w is None:
+            raise LoraFormatError("OFT module: its base weight was not found in the given base model",
+                                  file=src.label, key=bk)
+        blocks = _finite(src.get(bk), src, bk)
+        return lycoris._capped_dense(lycoris.oft_update(blocks, w, p.oft_alpha))
+
+    return load
+
+
 def build_lora(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, *,
                adapter_config: Optional[Mapping[str, Any]] = None, base: Optional[BaseFn] = None) -> Lora:
     """``base(canonical key, module name in the file) -> weight tensor or None``: the base model's
     weights, needed by (and only read for) DoRA modules; without it DoRA files are refused."""
-    plan = plan_modules(src, metadata, adapter_config=adapter_config, allow_dora=base is not None)
+    base_shape = None
+    if base is not None:
+        base_shape = getattr(base, "shape", None)
+        if base_shape is None:
+            def base_shape(key, name):
+                t = base(key, name)
+                return None if t is None else tuple(t.shape)
+    plan = plan_modules(src, metadata, adapter_config=adapter_config, allow_dora=base is not None,
+                        base_shape=base_shape)
     modules = {}
     for key, p in plan.modules.items():
-        loader = (_dora_loader(src, p, base) if p.lora_scale is not None
-                  else _loader(src, p.group, p.out_features, p.rows))
+        if p.lora_scale is not None:
+            loader = _dora_loader(src, p, base)
+        elif p.oft_alpha is not None:
+            loader = _oft_loader(src, p, base)
+        else:
+            loader = _loader(src, p.group, p.out_features, p.rows)
         modules[key] = LoraModule(key=key, kind=p.kind, out_features=p.out_features, in_features=p.in_features,
                                   rank=p.rank, scale=p.scale, loader=loader,
                                   kernel_size=p.kernel_size, source_name=p.group.name, dtype=torch_dtype(p.dtype))
