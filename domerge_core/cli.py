@@ -156,20 +156,39 @@ def _add_method_params(ap: argparse.ArgumentParser) -> None:
                                metavar=name.upper(), help=helptext)
 
 
-def _parse_weights(text: Optional[str], n: int) -> Optional[List[float]]:
-    """``--weights 0.8,1`` as numbers; the core's own rule (`check_weights`) judges them, before
-    any file is read."""
+def _parse_weights(text: Optional[str], n: int, flag: str = "--weights") -> Optional[List[float]]:
+    """``--weights 0.8,1`` (or ``--clip-weights``) as numbers; the core's own rule (`check_weights`)
+    judges them, before any file is read."""
     if text is None:
         return None
     import domerge_core as dc
     try:
         ws = [float(x) for x in text.replace(" ", "").split(",") if x != ""]
     except ValueError:
-        raise SystemExit(_usage_error(f"--weights: expected numbers separated by commas, got {text!r}"))
+        raise SystemExit(_usage_error(f"{flag}: expected numbers separated by commas, got {text!r}"))
     try:
         return dc.check_weights(ws, n)
     except dc.DomergeError as e:
-        raise SystemExit(_usage_error(f"--weights: {e}"))
+        raise SystemExit(_usage_error(f"{flag}: {e}"))
+
+
+def _parse_block_weights(specs: Optional[List[str]], n: int) -> List[Optional[str]]:
+    """--block-weights given once (every input) or once per input ("-" or "" for none)."""
+    if not specs:
+        return [None] * n
+    if len(specs) not in (1, n):
+        raise SystemExit(_usage_error(f"--block-weights: given {len(specs)} times for {n} input files "
+                                      f"(give it once for all, or once per input, '-' for none)"))
+    out = [None if s.strip() in ("", "-") else s for s in (specs * n if len(specs) == 1 else specs)]
+    from .blocks import parse_vector
+    from .errors import InvalidParameterError
+    for s in out:
+        if s is not None:
+            try:
+                parse_vector(s)
+            except InvalidParameterError as e:
+                raise SystemExit(_usage_error(f"--block-weights: {e}"))
+    return out
 
 
 def _usage_error(msg: str) -> int:
@@ -200,15 +219,28 @@ def cmd_merge(args) -> int:
 
     bar = ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
     t0 = time.perf_counter()
-    loras = [dc.load_lora(p) for p in args.inputs]
+    clip_weights = _parse_weights(args.clip_weights, len(args.inputs), flag="--clip-weights")
+    block_specs = _parse_block_weights(args.block_weights, len(args.inputs))
+    base = None
+    if args.base:
+        from .formats.base import base_weights
+        base = base_weights(args.base)
+    loras = [dc.load_lora(p, base=base) for p in args.inputs]
     if args.format:                  # before the work: a layout these models' clients cannot load
         for lora in loras:
             dc.check_loadable(lora, args.format)
+    extra = {}
+    if clip_weights is not None or any(block_specs):
+        from .blocks import weights_and_multipliers
+        weights, mults = weights_and_multipliers(weights or [1.0] * len(loras), clip_weights or [None] * len(loras),
+                                                 block_specs, [lo.base_model for lo in loras])
+        if mults is not None:
+            extra["multipliers"] = mults
     compute = {"fp32": "float32", "fp64": "float64"}[args.compute_dtype]
     import torch
     result = dc.merge(loras, method=args.method, params=params, weights=weights, rank=args.rank,
                       energy=args.energy, device=args.device, compute_dtype=getattr(torch, compute),
-                      seed=args.seed, progress=bar)
+                      seed=args.seed, progress=bar, **extra)
     fmt = dc.check_loadable(result.lora, args.format)
     path = result.save(args.output, format=fmt, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite)
     elapsed = time.perf_counter() - t0
@@ -319,6 +351,14 @@ def build_parser(method_params: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--method", default=None,
                    help="merge method (see `domerge methods`, which names the default and why)")
     p.add_argument("--weights", default=None, help="strengths w1,w2,... (default 1 each)")
+    p.add_argument("--base", default=None, metavar="MODEL.safetensors",
+                   help="the base model (SD/SDXL checkpoint or diffusers component file): DoRA inputs need it")
+    p.add_argument("--clip-weights", default=None,
+                   help="text-encoder strengths c1,c2,... (default: the --weights); like LoraLoader's strength_clip")
+    p.add_argument("--block-weights", action="append", default=None, metavar="VECTOR",
+                   help="per-block weights: a preset (SD-OUTALL, SDXL-INALL, FLUX-DOUBLE, ...) or numbers "
+                        "BASE,IN..,MID,OUT.. (SD1 17/26/27, SDXL 12/20/21, Flux 58/20 values; see README); "
+                        "once for every input or once per input ('-' for none)")
     r = p.add_mutually_exclusive_group()
     r.add_argument("--rank", type=int, default=None, help="truncate the output to this rank (exact SVD)")
     r.add_argument("--energy", type=float, default=None,

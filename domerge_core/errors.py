@@ -43,7 +43,7 @@ class LoraFormatError(DomergeError):
 
 
 class UnsupportedFormatError(LoraFormatError):
-    """A known adapter type that is not a plain LoRA (LoHa, LoKr, OFT, DoRA, full diff...)."""
+    """A known adapter type we cannot merge (BOFT, PEFT DoRA, bias diffs...; OFT/DoRA without a base)."""
 
 
 class IncompatibleLorasError(DomergeError):

@@ -110,6 +110,37 @@ def comfy_key_map(model=None, clip=None) -> Tuple[Dict[str, Any], Dict[str, Any]
     return unet, te
 
 
+def base_weight_fn(model=None, clip=None):
+    """``fn(canonical key, module name) -> weight or None`` over the connected MODEL / CLIP, found
+    through ComfyUI's key maps (what DoRA inputs need); None when neither is connected."""
+    if model is None and clip is None:
+        return None
+    unet, te = comfy_key_map(model, clip)
+    sources = [(unet, model.model if model is not None else None),
+               (te, clip.cond_stage_model if clip is not None else None)]
+
+    def get(key: str, name: str):
+        comp, _, path = key.partition(".")
+        names = [name, key] + (["lora_unet_" + path.replace(".", "_")] if comp in ("unet", "diffusion_model") else [])
+        for table, module in sources:
+            for n in names:
+                target = table.get(n)
+                if target is None or module is None:
+                    continue
+                wkey, offset = (target if isinstance(target, tuple) else (target, None))
+                import comfy.utils
+                try:
+                    w = comfy.utils.get_attr(module, wkey)
+                except AttributeError:
+                    return None
+                if offset is not None:
+                    w = w.narrow(offset[0], offset[1], offset[2])
+                return w.detach()
+        return None
+
+    return get
+
+
 def _candidates(m: domerge_core.LoraModule) -> Iterable[str]:
     """Names under which ComfyUI's key map may know a module: as written in its file, its
     canonical key, and the kohya spelling of a canonical diffusers UNet path."""

@@ -47,22 +47,45 @@ class DomergeLoraList:
             "optional": {
                 "loras": (LORA_LIST, {"tooltip": "An earlier LoRA list to extend (chain these nodes)."}),
                 "lora_stack": ("LORA_STACK", {
-                    "tooltip": "A community LORA_STACK [(name, model_w, clip_w)]; its model weights are used."}),
+                    "tooltip": "A community LORA_STACK [(name, model_w, clip_w)]: the model weight for the "
+                               "diffusion model, the clip weight for the text encoders."}),
+                "strength_clip": ("FLOAT", {
+                    "default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                    "tooltip": "Weight of this LoRA's text-encoder modules (like LoraLoader's strength_clip). "
+                               "Used only when use_strength_clip is on; else the strength above."}),
+                "use_strength_clip": ("BOOLEAN", {"default": False,
+                                                  "tooltip": "Give the text encoder its own strength."}),
+                "block_weights": ("STRING", {
+                    "default": "", "multiline": False,
+                    "tooltip": "Per-block weights of this LoRA: a preset (SD-OUTALL, SDXL-INALL, FLUX-DOUBLE, "
+                               "...) or BASE,IN..,MID,OUT.. numbers (SD1 17, SDXL 12, Flux 58 values; the "
+                               "Inspire pack's presets). Empty: every block at 1."}),
             },
         }
 
     @classmethod
-    def IS_CHANGED(cls, lora_name, strength=1.0, **_):
+    def IS_CHANGED(cls, lora_name, strength=1.0, **kw):
         # file identity: a LoRA rewritten on disk re-runs this node and everything downstream
+        extra = "|".join(f"{k}={kw[k]}" for k in ("strength_clip", "use_strength_clip", "block_weights") if k in kw)
         if lora_name == glue.NONE_CHOICE:
-            return f"none|{strength}"
-        return f"{glue.file_identity(lora_name)}|{strength}"
+            return f"none|{strength}|{extra}"
+        return f"{glue.file_identity(lora_name)}|{strength}|{extra}"
 
     def build(self, lora_name: str, strength: float, loras: Optional[List[Dict[str, Any]]] = None,
-              lora_stack: Any = None):
+              lora_stack: Any = None, strength_clip: float = 1.0, use_strength_clip: bool = False,
+              block_weights: str = ""):
         out = [dict(e) for e in (loras or [])]
         out += entries_from_stack(lora_stack)
         if lora_name != glue.NONE_CHOICE:
             glue.lora_path(lora_name)           # unknown / non-safetensors names fail here, by name
-            out.append({"name": lora_name, "strength": float(strength), "clip_strength": float(strength)})
+            e = {"name": lora_name, "strength": float(strength),
+                 "clip_strength": float(strength_clip if use_strength_clip else strength)}
+            if block_weights and block_weights.strip():
+                from domerge_core.blocks import parse_vector
+                try:
+                    parse_vector(block_weights)
+                except Exception as err:
+                    raise glue.NodeInputError(f"block_weights: {err}") from None
+                e["block_weights"] = block_weights.strip()
+            out.append(e)
         return (out,)

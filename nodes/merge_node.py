@@ -20,8 +20,9 @@ def report_text(result, entries, aligner: Optional[glue.KeyAligner], rank, energ
     for e, lora in zip(entries, result.inputs):
         lines.append(f"  {e['name']}: weight {e['strength']:g}, {len(lora)} modules, format {lora.format}")
         if e.get("clip_strength", e["strength"]) != e["strength"]:
-            lines.append(f"    (LORA_STACK clip weight {e['clip_strength']:g} not used: a merged LoRA has one "
-                         f"weight per input; set strength_clip when applying)")
+            lines.append(f"    text encoder at weight {e['clip_strength']:g}")
+        if e.get("block_weights"):
+            lines.append(f"    block weights {e['block_weights']}")
     params = ", ".join(f"{k}={v}" for k, v in result.params.items())
     lines.append(f"parameters: {params}")
     if aligner is not None:
@@ -83,7 +84,8 @@ class DomergeMergeLoras:
         if not entries:
             raise glue.NodeInputError("no LoRAs to merge: connect a 'LoRA list'")
         params = method_params(method, options)
-        inputs = [domerge_core.load_lora(glue.lora_path(e["name"])) for e in entries]
+        base = glue.base_weight_fn(model, clip)           # DoRA inputs are read against these weights
+        inputs = [domerge_core.load_lora(glue.lora_path(e["name"]), base=base) for e in entries]
         aligner = None
         if model is not None or clip is not None:
             aligner = glue.KeyAligner(model, clip)
@@ -91,8 +93,13 @@ class DomergeMergeLoras:
             if not any(len(x) for x in inputs):
                 raise glue.NodeInputError("no LoRA module matches the given MODEL/CLIP (wrong base model?)")
         dev = glue.resolve_device(device)
+        from domerge_core.blocks import weights_and_multipliers
+        weights, mults = weights_and_multipliers(
+            [e["strength"] for e in entries], [e.get("clip_strength") for e in entries],
+            [e.get("block_weights") for e in entries], [lo.base_model for lo in inputs])
+        extra = {"multipliers": mults} if mults is not None else {}
         result = domerge_core.merge(
-            inputs, method, params, weights=[e["strength"] for e in entries],
+            inputs, method, params, weights=weights, **extra,
             rank=int(rank) or None, energy=float(energy) if float(energy) < 1.0 else None,
             device=dev, seed=int(merge_seed), progress=glue.progress_callback(unique_id))
         # float32: the in-graph LoRA stays exact (a file is written at the Save node's dtype)

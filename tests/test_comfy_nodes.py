@@ -309,7 +309,9 @@ def test_example_workflows_are_generated_from_the_registry(name):
     # the hand-described LoRA list matches the real node; the do options hold the registry defaults
     real = domerge_nodes.NODE_CLASS_MAPPINGS["DomergeLoraList"].INPUT_TYPES()
     socks, widgets = workflows.sockets_and_widgets(real)
-    assert [n for n, _ in widgets] == ["lora_name", "strength"] and [n for n, _ in socks] == ["loras", "lora_stack"]
+    assert [n for n, _ in widgets] == ["lora_name", "strength", "strength_clip", "use_strength_clip",
+                                       "block_weights"] and [n for n, _ in socks] == ["loras", "lora_stack"]
+    assert [d for _, d in widgets[2:]] == [1.0, False, ""]
     opts = next(n for n in committed["nodes"] if n["type"] == "DomergeOptions_do")
     spec = domerge_core.get_method("do")
     assert opts["widgets_values"] == [p.default for p in spec.all_params()]

@@ -264,16 +264,14 @@ def _drop(suffix: str):
     return edit
 
 
-def _loha(folder: str) -> List[str]:
+def _oft(folder: str) -> List[str]:
+    """An adapter type still refused without a base model (LoHa/LoKr are read since issue 15)."""
     g = _good(folder)
     sd = {}
     for name, (m, n, *k) in SD15.items():
         if k:
             continue
-        sd[name + ".hada_w1_a"] = torch.randn(m, 4).half()
-        sd[name + ".hada_w1_b"] = torch.randn(4, n).half()
-        sd[name + ".hada_w2_a"] = torch.randn(m, 4).half()
-        sd[name + ".hada_w2_b"] = torch.randn(4, n).half()
+        sd[name + ".oft_blocks"] = torch.randn(4, m // 4, m // 4).half()
         sd[name + ".alpha"] = torch.tensor(4.0).half()
     return [g, save(sd, os.path.join(folder, "bad.safetensors"))]
 
@@ -405,7 +403,7 @@ BAD_INPUTS: List[Case] = [
     # well-formed safetensors, wrong as a LoRA
     Case("no tensors", _no_tensors),
     Case("keys of no known format (full checkpoint)", _full_checkpoint),
-    Case("LoHa (unsupported)", _loha),
+    Case("OFT (unsupported)", _oft),
     _tensor_case("up without down", _drop(".lora_down.weight")),
     _tensor_case("down without up", _drop(".lora_up.weight")),
     _tensor_case("up/down rank mismatch", _rank_mismatch),

@@ -76,6 +76,7 @@ class LoraRow:
     info: W.HTML
     strength: W.FloatSlider
     box: W.HBox
+    blocks: Optional[W.Text] = None      # per-block weights: a preset name or numbers (empty: all 1)
 
     @property
     def label(self) -> str:
@@ -200,8 +201,12 @@ class MergePanel:
         strength = W.FloatSlider(value=weight, min=rng[0], max=rng[1], step=0.05, description="",
                                  readout_format=".2f", continuous_update=True, disabled=error is not None,
                                  layout=W.Layout(width="300px"))
+        blocks = W.Text(value="", placeholder="block weights", disabled=error is not None,
+                        tooltip="Per-block weights: a preset (SD-OUTALL, SDXL-INALL, FLUX-DOUBLE, ...) or "
+                                "BASE,IN..,MID,OUT.. numbers; empty: every block at 1",
+                        layout=W.Layout(width="160px"))
         return LoraRow(path, lora, error, enabled, name, info_w, strength,
-                       W.HBox([enabled, name, strength, info_w]))
+                       W.HBox([enabled, name, strength, blocks, info_w]), blocks)
 
     def _spec(self):
         return self._specs[self.method.value]
@@ -232,6 +237,8 @@ class MergePanel:
         for r in self.rows:
             r.enabled.observe(self._on_strength_change, names="value")
             r.strength.observe(self._on_strength_change, names="value")
+            if r.blocks is not None:
+                r.blocks.observe(self._on_strength_change, names="value")
         self.method.observe(self._on_method_change, names="value")
         for w in (self.rank, self.energy, self.device):
             w.observe(self._on_other_change, names="value")
@@ -266,20 +273,32 @@ class MergePanel:
     def merge_kwargs(self) -> Dict[str, Any]:
         """The exact arguments this panel passes to ``domerge_core.merge`` (besides progress/cache)."""
         rows = self.enabled_rows()
-        return dict(inputs=[r.lora for r in rows], method=self.method.value, params=self.params(),
-                    weights=[float(r.strength.value) for r in rows],
-                    rank=int(self.rank.value) or None, energy=float(self.energy.value) or None,
-                    device=self.device.value)
+        kw = dict(inputs=[r.lora for r in rows], method=self.method.value, params=self.params(),
+                  weights=[float(r.strength.value) for r in rows],
+                  rank=int(self.rank.value) or None, energy=float(self.energy.value) or None,
+                  device=self.device.value)
+        specs = [(r.blocks.value.strip() or None) if r.blocks is not None else None for r in rows]
+        if any(specs):
+            from domerge_core.blocks import weights_and_multipliers
+            kw["weights"], mults = weights_and_multipliers(kw["weights"], [None] * len(rows), specs,
+                                                           [r.lora.base_model for r in rows])
+            if mults is not None:
+                kw["multipliers"] = mults
+        return kw
 
     def _signature(self, kw: Optional[Dict[str, Any]] = None):
         kw = kw or self.merge_kwargs()
         return (tuple(id(x) for x in kw["inputs"]), kw["method"], tuple(sorted(kw["params"].items())),
-                tuple(kw["weights"]), kw["rank"], kw["energy"], kw["device"])
+                tuple(kw["weights"]), kw["rank"], kw["energy"], kw["device"],
+                tuple(getattr(m, "spec", None) for m in kw.get("multipliers") or ()))
 
     @property
     def is_stale(self) -> bool:
         """True when the shown result no longer matches the controls (or there is none)."""
-        return self._result_sig is None or self._result_sig != self._signature()
+        try:
+            return self._result_sig is None or self._result_sig != self._signature()
+        except core.DomergeError:        # e.g. a block-weight vector being typed
+            return True
 
     @property
     def busy(self) -> bool:

@@ -12,7 +12,8 @@
 Read: kohya/A1111/LyCORIS LoRA+LoCon (Tucker ``lora_mid`` folded), diffusers/PEFT (``lora_A/lora_B``,
 ``lora_adapter_metadata``, ``adapter_config.json``, rank/alpha patterns, rsLoRA), generic PEFT
 (``base_model.model.``), ComfyUI (``diffusion_model.``, ``text_encoders.``), old diffusers
-attention processors. Refused with :class:`UnsupportedFormatError`: LoHa, LoKr, OFT, DoRA, diffs, ...
+attention processors, XLabs Flux, LyCORIS LoHa / LoKr / full ``.diff`` (exact low rank, formats/lycoris.py).
+Refused with :class:`UnsupportedFormatError`: OFT, DoRA, bias diffs, ...
 """
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def _uses_ab(keys: Iterable[str]) -> bool:
     return any(".lora_A" in k or ".lora_B" in k for k in keys)
 
 
-def load_lora(path: PathLike, *, adapter_config: Union[None, PathLike, Mapping[str, Any]] = None) -> Lora:
-    """Read a LoRA file lazily. Errors (:class:`LoraFormatError` and subclasses) name the file and key."""
+def load_lora(path: PathLike, *, adapter_config: Union[None, PathLike, Mapping[str, Any]] = None,
+              base=None) -> Lora:
+    """Read a LoRA file lazily. Errors (:class:`LoraFormatError` and subclasses) name the file and key.
+    ``base(canonical key, module name) -> weight or None``: the base model, for DoRA files (refused without)."""
     from .safetensors import LazyFile, read_header, read_scalar
     from .reader import TensorSource, build_lora
 
@@ -61,14 +64,14 @@ def load_lora(path: PathLike, *, adapter_config: Union[None, PathLike, Mapping[s
         beside = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
         if os.path.lexists(beside):
             cfg = read_adapter_config(beside)
-    lora = build_lora(src, header.metadata, adapter_config=cfg)
+    lora = build_lora(src, header.metadata, adapter_config=cfg, base=base)
     lora.content_sha256 = lazy.sha256
     return lora
 
 
 def load_state_dict(sd: Mapping[str, torch.Tensor], *, source: str = "<state dict>",
                     metadata: Optional[Mapping[str, str]] = None,
-                    adapter_config: Union[None, PathLike, Mapping[str, Any]] = None) -> Lora:
+                    adapter_config: Union[None, PathLike, Mapping[str, Any]] = None, base=None) -> Lora:
     """The same as :func:`load_lora` over in-memory tensors (e.g. ComfyUI's LORA_MODEL dict)."""
     import torch
 
@@ -83,7 +86,7 @@ def load_state_dict(sd: Mapping[str, torch.Tensor], *, source: str = "<state dic
     dtypes = {k: code_of(v.dtype) or str(v.dtype) for k, v in tensors.items()}
     src = TensorSource(source, {k: tuple(v.shape) for k, v in tensors.items()}, dtypes,
                        lambda k: tensors[k].detach())
-    return build_lora(src, metadata, adapter_config=read_adapter_config(adapter_config))
+    return build_lora(src, metadata, adapter_config=read_adapter_config(adapter_config), base=base)
 
 
 def save_lora(lora: Lora, path: PathLike, *, format: Optional[str] = "kohya", dtype: Optional[torch.dtype] = None,

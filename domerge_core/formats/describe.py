@@ -54,7 +54,11 @@ def _plan_of_file(path: str):
         os.close(fd)
     mods = [SimpleNamespace(key=m.key, kind=m.kind, rank=m.rank, scale=m.scale, kernel_size=m.kernel_size,
                             dtype=short_name(m.dtype), out_features=m.out_features,
-                            in_features=m.in_features) for m in p.modules.values()]
+                            in_features=m.in_features,
+                            adapter=("dora" if m.lora_scale is not None else
+                                     {"loha": "loha", "lokr": "lokr", "diff": "diff", "oft": "oft"}.get(
+                                         m.group.family, "lora")))
+            for m in p.modules.values()]
     return SimpleNamespace(modules=mods, format=p.format, base_model=p.base_model, layout=p.layout,
                            metadata=p.metadata, source=path)
 
@@ -92,6 +96,9 @@ def describe(lora: Union["Lora", str, "os.PathLike[str]"]) -> Dict[str, Any]:
         "layout": {k: v for k, v in (lora.layout or {}).items()},
         "metadata": {k: lora.metadata[k] for k in _META_SHOWN if k in (lora.metadata or {})},
     }
+    adapters = Counter(getattr(m, "adapter", None) for m in mods)
+    if None not in adapters and set(adapters) != {"lora"}:
+        out["adapters"] = dict(adapters)          # LyCORIS LoHa / LoKr / full diff modules (read exactly)
     if src and os.path.isfile(src):
         out["file_size"] = os.path.getsize(src)
     return out
@@ -108,6 +115,7 @@ def format_description(d: Dict[str, Any]) -> str:
         f"  modules     {d['modules']} " + " ".join(f"{k}={v}" for k, v in d["components"].items()),
         f"  kinds       " + " ".join(f"{k}={v}" for k, v in d["kinds"].items() if v),
         f"  ranks       {rank_s}",
+    ] + ([f"  adapters    " + " ".join(f"{k}={v}" for k, v in d["adapters"].items())] if d.get("adapters") else []) + [
         f"  alphas      {d['alphas']}",
         f"  dtype       {d['dtype']}",
         f"  parameters  {d['parameters']:,}",

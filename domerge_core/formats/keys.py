@@ -1,14 +1,17 @@
-"""Tensor keys -> (module name, role): the suffix grammar of every LoRA layout we read, and the
-recognition of adapter types we refuse (LoHa, LoKr, OFT, DoRA, full diffs...)."""
+"""Tensor keys -> (module name, role): the suffix grammar of every LoRA layout we read (plain LoRA/LoCon,
+LyCORIS LoHa/LoKr), and the recognition of adapter types we refuse (OFT, DoRA, full diffs...)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import LoraFormatError, UnsupportedFormatError
+from . import lycoris
 
 # (suffix, role, family). Longest/most specific first. family: "down_up" (kohya/LyCORIS/ComfyUI:
-# scale from .alpha), "ab" (PEFT/diffusers: scale from config), "old" (diffusers attention processors).
+# scale from .alpha), "ab" (PEFT/diffusers: scale from config), "old" (diffusers attention processors),
+# "loha" / "lokr" (LyCORIS Hadamard / Kronecker products, read exactly by formats/lycoris.py).
 SUFFIXES: Tuple[Tuple[str, str, str], ...] = (
     (".lora_down.weight", "down", "down_up"),
     (".lora_up.weight", "up", "down_up"),
@@ -25,13 +28,15 @@ SUFFIXES: Tuple[Tuple[str, str, str], ...] = (
     ("_lora.up.weight", "up", "old"),
     (".lora.down.weight", "down", "old"),
     (".lora.up.weight", "up", "old"),
+) + lycoris.SUFFIXES + (
     (".alpha", "alpha", ""),
+    (".dora_scale", "dora_scale", ""),      # read only with a base weight (group_keys(allow_dora=True))
+    (".oft_blocks", "oft_blocks", "oft"),   # LyCORIS OFT: idem
+    (".rescale", "rescale", ""),            # OFT's rescale (loaded, not applied, by ComfyUI)
 )
 
 # markers of adapter types that are not plain LoRA: (substring or suffix test, description)
 _UNSUPPORTED: Tuple[Tuple[str, str], ...] = (
-    ("hada_", "LyCORIS LoHa"),
-    ("lokr_", "LyCORIS LoKr"),
     ("oft_blocks", "OFT/BOFT"),
     ("oft_diag", "OFT"),
     (".oft_r", "OFT"),
@@ -51,7 +56,6 @@ _UNSUPPORTED: Tuple[Tuple[str, str], ...] = (
     (".b1.weight", "LyCORIS GLoRA"),
 )
 _UNSUPPORTED_SUFFIX: Tuple[Tuple[str, str], ...] = (
-    (".diff", "full weight difference (.diff)"),
     (".diff_b", "full bias difference (.diff_b)"),
     (".base_layer.weight", "full base weight (PEFT modules_to_save / save_embedding_layers)"),
     (".modules_to_save.default.weight", "full weight (PEFT modules_to_save)"),
@@ -75,21 +79,32 @@ def classify_unsupported(key: str) -> Optional[str]:
     return None
 
 
+# XLabs Flux LoRAs: double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight (1: image, 2: text
+# stream), single_blocks.N.processor.{qkv,proj}_lora.{down,up}.weight
+_XLABS = re.compile(r"^((?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora[12]?)\.(down|up)\.weight$")
+
+
 def split_key(key: str) -> Optional[Tuple[str, str, str]]:
     """(module name, role, family) or None when the key is not a LoRA factor/alpha."""
+    m = _XLABS.match(key)
+    if m:
+        return m.group(1), m.group(2), "xlabs"
     for suffix, role, family in SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)], role, family
     return None
 
 
-def group_keys(keys: Iterable[str], file: Optional[str]) -> List[ModuleKeys]:
-    """Group tensor keys by module, in file order. Raises on the first key of a type we refuse."""
+def group_keys(keys: Iterable[str], file: Optional[str], allow_dora: bool = False) -> List[ModuleKeys]:
+    """Group tensor keys by module, in file order. Raises on the first key of a type we refuse
+    (kohya/LyCORIS ``dora_scale`` is refused unless ``allow_dora``: its update needs the base weight)."""
     groups: Dict[str, ModuleKeys] = {}
-    pending_alpha: Dict[str, str] = {}
+    pending_alpha: Dict[Tuple[str, str], str] = {}
     keys = list(keys)
     for key in keys:
         what = classify_unsupported(key)
+        if what and allow_dora and key.endswith((".dora_scale", ".oft_blocks")):
+            what = None
         if what:
             raise UnsupportedFormatError(
                 f"format found: {what}; only plain LoRA/LoCon factors can be merged "
@@ -100,8 +115,8 @@ def group_keys(keys: Iterable[str], file: Optional[str]) -> List[ModuleKeys]:
             raise LoraFormatError(f"tensor {key!r} is not a LoRA factor (expected lora_down/lora_up, "
                                   f"lora_A/lora_B or alpha keys)", file=file, key=key)
         name, role, family = parsed
-        if role == "alpha":
-            pending_alpha[name] = key
+        if role in ("alpha", "dora_scale", "rescale"):
+            pending_alpha[(name, role)] = key
             continue
         g = groups.get(name)
         if g is None:
@@ -112,13 +127,20 @@ def group_keys(keys: Iterable[str], file: Optional[str]) -> List[ModuleKeys]:
         if role in g.keys:
             raise LoraFormatError(f"duplicate {role} factor for module {name!r}", file=file, key=key)
         g.keys[role] = key
-    for name, key in pending_alpha.items():
+    for (name, role), key in pending_alpha.items():
         g = groups.get(name)
         if g is None:
             # old diffusers alphas: "<module>.alpha" where factors are "<module>_lora.down.weight" etc.
-            raise LoraFormatError(f"alpha without LoRA factors for module {name!r}", file=file, key=key)
-        g.keys["alpha"] = key
+            raise LoraFormatError(f"{role} without LoRA factors for module {name!r}", file=file, key=key)
+        g.keys[role] = key
     for g in groups.values():
+        if g.family in lycoris.FAMILIES:
+            if "dora_scale" in g.keys:
+                raise UnsupportedFormatError(f"format found: DoRA on {lycoris.NAMES[g.family]}; only LoRA/LoCon "
+                                             f"DoRA is read (with a base)", file=file, key=g.keys["dora_scale"])
+            lycoris.check_roles(g.name, g.family, {r: k for r, k in g.keys.items() if r not in ("alpha", "rescale")},
+                                file)
+            continue
         if "down" not in g.keys:
             raise LoraFormatError(f"module {g.name!r} has an up factor but no down factor", file=file,
                                   key=g.keys.get("up") or g.keys.get("mid"))

@@ -152,7 +152,31 @@ def dotted_name(name: str, family: str, out_features: int) -> Mapped:
     return _one(f"model.{name}", "peft", {"format": "peft", "peft_prefix": ""}, "llm")
 
 
+_XLABS_DOUBLE = {"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv",
+                 "proj_lora1": "img_attn.proj", "proj_lora2": "txt_attn.proj"}
+
+
+def xlabs_name(name: str, out_features: int) -> Mapped:
+    """XLabs Flux processor LoRAs -> the BFL module they patch (ComfyUI's USO converter's rule):
+    double ``qkv_lora1/2`` -> ``img_attn/txt_attn.qkv`` (split q/k/v), ``proj_lora1/2`` -> ``…attn.proj``;
+    single ``qkv_lora`` -> the q/k/v rows of ``linear1``, ``proj_lora`` -> ``linear2``."""
+    kind, i, _, sub = name.split(".")
+    layout = {"format": "kohya"}
+    if kind == "double_blocks" and sub in _XLABS_DOUBLE:
+        return _unet_like(f"double_blocks.{i}.{_XLABS_DOUBLE[sub]}", "xlabs", layout, out_features)
+    block = f"transformer.single_transformer_blocks.{i}"
+    if sub == "qkv_lora" and out_features % 3 == 0:
+        h = out_features // 3
+        return Mapped([(f"{block}.attn.to_{x}", (j * h, (j + 1) * h)) for j, x in enumerate("qkv")], "xlabs",
+                      dict(layout, transformer_names="bfl"), "flux")
+    if sub == "proj_lora":
+        return _one(f"{block}.proj_out", "xlabs", dict(layout, transformer_names="bfl"), "flux")
+    return _one(f"diffusion_model.{kind}.{i}.{sub}", "xlabs", layout, "flux")
+
+
 def map_name(name: str, family: str, out_features: int) -> Mapped:
+    if family == "xlabs":
+        return xlabs_name(name, out_features)
     if "." not in name or name.startswith(tuple(p for p, _ in KOHYA_PREFIXES)):
         m = kohya_name(name, out_features)
         if m is not None:

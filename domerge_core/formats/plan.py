@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import LoraFormatError, UnsupportedFormatError
+from . import lycoris
 from .dtypes import FLOAT_CODES
 from .keys import ModuleKeys, group_keys
 from .names import Mapped, map_name, peft_relative_path
@@ -424,6 +425,8 @@ class ModulePlan:
     group: ModuleKeys                     # the file's keys of this module
     rows: Optional[Tuple[int, int]]       # up-row range (a split of a fused module) or None
     dtype: str                            # safetensors dtype name of the factors
+    lora_scale: Optional[float] = None    # DoRA: the LoRA's own scale (``scale`` is then 1: dense ΔW)
+    oft_alpha: Optional[float] = None     # OFT (dense ΔW from the base weight): its constraint alpha (0: none)
 
 
 @dataclass
@@ -437,9 +440,10 @@ class FilePlan:
 
 
 def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, *,
-                 adapter_config: Optional[Mapping[str, Any]] = None) -> FilePlan:
+                 adapter_config: Optional[Mapping[str, Any]] = None, allow_dora: bool = False,
+                 base_shape: Optional[Callable[[str, str], Optional[Tuple[int, ...]]]] = None) -> FilePlan:
     metadata = dict(metadata or {})
-    groups = group_keys(src.keys(), src.label)
+    groups = group_keys(src.keys(), src.label, allow_dora=allow_dora)
     cfgs = _configs_from_metadata(metadata, src.label)
     labels = {k: src.label for k in cfgs}
     if adapter_config:
@@ -454,14 +458,52 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
     bases: Counter = Counter()
     dtypes: Counter = Counter()
     for g in groups:
-        out_f, in_f, rank, kernel = _module_geometry(src, g)
-        mapped: Mapped = map_name(g.name, g.family, out_f)
+        lyco = g.family in lycoris.FAMILIES
+        if lyco:
+            for k in g.keys.values():
+                if k != g.keys.get("alpha"):
+                    _check_float(src, k)
+            out_f, in_f, rank, kernel, divisor = lycoris.geometry(
+                src, g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"})
+        else:
+            out_f, in_f, rank, kernel = _module_geometry(src, g)
+        mapped: Mapped = map_name(g.name, "down_up" if lyco else g.family, out_f)
+        oft_alpha = None
+        if g.family == "oft":         # the base weight gives the columns; dense ΔW, exact at rank min(m, n)
+            bk = g.keys["oft_blocks"]
+            if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
+                raise UnsupportedFormatError("OFT on a fused module (split into several) is not supported",
+                                             file=src.label, key=bk)
+            shape = base_shape(mapped.targets[0][0], g.name) if base_shape else None
+            if shape is None:
+                raise LoraFormatError("OFT module: its base weight was not found in the given base model",
+                                      file=src.label, key=bk)
+            shape = tuple(int(x) for x in shape)
+            if shape[0] != out_f or len(shape) not in (2, 4):
+                raise LoraFormatError(f"OFT blocks cover {out_f} rows, the base weight has shape {list(shape)}",
+                                      file=src.label, key=bk)
+            in_f = 1
+            for x in shape[1:]:
+                in_f *= x
+            kernel = shape[2:] if len(shape) == 4 else None
+            rank = min(out_f, in_f)
+            oft_alpha = 0.0               # OFT's alpha is a norm constraint; 0 (common) means none
+            if "alpha" in g.keys:
+                ak = g.keys["alpha"]
+                oft_alpha = float(src.scalar(ak)) if src.scalar else float(src.get(ak).reshape(()).double())
+                if not math.isfinite(oft_alpha):
+                    raise LoraFormatError(f"alpha is {oft_alpha} (not finite)", file=src.label, key=ak)
+            divisor = None
+        elif lyco and kernel is None:
+            kernel = lycoris.conv_kernel_hint(mapped.targets[0][0], in_f)
         formats[mapped.format] += 1
         for k, v in mapped.layout.items():
             layout.setdefault(k, v)
         if mapped.base_hint:
             bases[mapped.base_hint] += 1
-        if "alpha" in g.keys:
+        if lyco:     # ComfyUI's rules: alpha / (inner size of a stored factor pair), else 1 (OFT, diff: 1)
+            scale = _alpha(src, g.keys["alpha"]) / divisor if "alpha" in g.keys and divisor else 1.0
+        elif "alpha" in g.keys:
             scale = _alpha(src, g.keys["alpha"]) / rank
         elif g.family == "ab" and scales:
             comp = mapped.targets[0][0].split(".", 1)[0]
@@ -473,20 +515,28 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             scale = rule.scale(paths, rank) if rule else 1.0
         else:
             scale = 1.0
-        dt = src.dtypes[g.keys["up"]]
+        dt = src.dtypes[g.keys["up"] if not lyco else next(iter(g.keys.values()))]
         dtypes[dt] += 1
+        lora_scale = None
+        if "dora_scale" in g.keys:          # dense update from the base weight, exact at rank min(m, n)
+            _check_float(src, g.keys["dora_scale"])
+            if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
+                raise UnsupportedFormatError("DoRA on a fused module (split into several) is not supported",
+                                             file=src.label, key=g.keys["dora_scale"])
+            lora_scale, scale, rank = scale, 1.0, min(out_f, in_f)
         for key, rows in mapped.targets:
             if key in modules:
                 raise LoraFormatError(f"two entries map to the same module {key!r}", file=src.label,
                                       key=g.keys["down"])
             modules[key] = ModulePlan(key=key, kind="conv" if kernel else "linear",
                                       out_features=rows[1] - rows[0] if rows else out_f, in_features=in_f,
-                                      rank=rank, scale=scale, kernel_size=kernel, group=g, rows=rows, dtype=dt)
+                                      rank=rank, scale=scale, kernel_size=kernel, group=g, rows=rows, dtype=dt,
+                                      lora_scale=lora_scale, oft_alpha=oft_alpha)
     if formats.get("diffusers") and formats.get("diffusers_old"):
         # diffusers files written for ComfyUI too keep the UNet in attention-processor names
         formats["diffusers"] += formats.pop("diffusers_old")
     fmt = formats.most_common(1)[0][0]
-    layout.setdefault("format", {"comfy": "kohya", "diffusers_old": "diffusers"}.get(fmt, fmt))
+    layout.setdefault("format", {"comfy": "kohya", "diffusers_old": "diffusers", "xlabs": "kohya"}.get(fmt, fmt))
     base = guess_base_model(metadata, layout, {k: m.in_features for k, m in modules.items()}, bases)
     return FilePlan(modules=modules, format=fmt, layout=layout, metadata=metadata,
                     dtype=dtypes.most_common(1)[0][0], base_model=base)

@@ -2,7 +2,7 @@
 only when a module's ``loader`` is called (NaN/inf are refused then, naming the key)."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import math
 
@@ -10,6 +10,7 @@ import torch
 
 from ..errors import LoraFormatError
 from ..lora import Lora, LoraModule
+from . import lycoris
 from .dtypes import torch_dtype
 from .keys import ModuleKeys
 from .plan import ModulePlan, PeftScale, TensorSource, plan_modules, read_adapter_config  # noqa: F401
@@ -22,7 +23,21 @@ def _finite(t: torch.Tensor, src: TensorSource, key: str) -> torch.Tensor:
     return t
 
 
+def _lycoris_loader(src: TensorSource, g: ModuleKeys, rows: Optional[Tuple[int, int]]):
+    roles = {r: k for r, k in g.keys.items() if r != "alpha"}
+
+    def load():
+        up, down = lycoris.factors(lambda role: _finite(src.get(roles[role]), src, roles[role]), g.family, roles)
+        if rows is not None:
+            up = up[rows[0]:rows[1]]
+        return up, down
+
+    return load
+
+
 def _loader(src: TensorSource, g: ModuleKeys, out_f: int, rows: Optional[Tuple[int, int]]):
+    if g.family in lycoris.FAMILIES:
+        return _lycoris_loader(src, g, rows)
     up_k, down_k, mid_k = g.keys["up"], g.keys["down"], g.keys.get("mid")
 
     def load():
@@ -43,13 +58,83 @@ def _loader(src: TensorSource, g: ModuleKeys, out_f: int, rows: Optional[Tuple[i
     return load
 
 
+BaseFn = Callable[[str, str], Optional[torch.Tensor]]
+
+
+def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
+    """DoRA as ComfyUI applies it (``weight_decompose``): W' = (W + s·BA) · m / ‖W + s·BA‖ (per input
+    column; per output row with ``‖W‖`` when ``dora_scale`` has one value per output), ΔW = W' − W —
+    dense, from the base weight, written exactly as (ΔW, I) / (I, ΔW)."""
+    plain = _loader(src, p.group, p.out_features, None)
+    dk = p.group.keys["dora_scale"]
+
+    def load():
+        w = base(p.key, p.group.name)
+        if w is None:
+            raise LoraFormatError("DoRA module: its base weight was not found in the given base model",
+                                  file=src.label, key=dk)
+        shape = (p.out_features, *( (p.in_features // (p.kernel_size[0] * p.kernel_size[1]), *p.kernel_size)
+                                    if p.kernel_size else (p.in_features,)))
+        if w.numel() != p.out_features * p.in_features:
+            raise LoraFormatError(f"DoRA module: base weight has shape {list(w.shape)}, the LoRA patches "
+                                  f"{list(shape)}", file=src.label, key=dk)
+        eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0
+        W = w.to(torch.float64).reshape(shape)
+        up, down = plain()
+        diff = ((up.to(torch.float64) @ down.to(torch.float64)) * p.lora_scale).reshape(shape)
+        mag = _finite(src.get(dk), src, dk).to(torch.float64)
+        calc = W + diff
+        if mag.shape[0] == shape[0]:        # one magnitude per output row (ComfyUI normalises W itself)
+            norm = W.reshape(shape[0], -1).norm(dim=1).reshape(shape[0], *[1] * (len(shape) - 1))
+        else:                               # kohya / LyCORIS / PEFT: per input column of W + ΔW
+            norm = calc.transpose(0, 1).reshape(shape[1], -1).norm(dim=1).reshape(
+                shape[1], *[1] * (len(shape) - 1)).transpose(0, 1)
+        if mag.numel() != norm.numel():
+            raise LoraFormatError(f"dora_scale has shape {list(mag.shape)}, expected {list(norm.shape)}",
+                                  file=src.label, key=dk)
+        dW = calc * (mag.reshape(norm.shape) / (norm + eps)) - W
+        return lycoris._capped_dense(dW.reshape(shape[0], -1))
+
+    return load
+
+
+def _oft_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
+    bk = p.group.keys["oft_blocks"]
+
+    def load():
+        w = base(p.key, p.group.name)
+        if w is None:
+            raise LoraFormatError("OFT module: its base weight was not found in the given base model",
+                                  file=src.label, key=bk)
+        blocks = _finite(src.get(bk), src, bk)
+        return lycoris._capped_dense(lycoris.oft_update(blocks, w, p.oft_alpha))
+
+    return load
+
+
 def build_lora(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, *,
-               adapter_config: Optional[Mapping[str, Any]] = None) -> Lora:
-    plan = plan_modules(src, metadata, adapter_config=adapter_config)
+               adapter_config: Optional[Mapping[str, Any]] = None, base: Optional[BaseFn] = None) -> Lora:
+    """``base(canonical key, module name in the file) -> weight tensor or None``: the base model's
+    weights, needed by (and only read for) DoRA modules; without it DoRA files are refused."""
+    base_shape = None
+    if base is not None:
+        base_shape = getattr(base, "shape", None)
+        if base_shape is None:
+            def base_shape(key, name):
+                t = base(key, name)
+                return None if t is None else tuple(t.shape)
+    plan = plan_modules(src, metadata, adapter_config=adapter_config, allow_dora=base is not None,
+                        base_shape=base_shape)
     modules = {}
     for key, p in plan.modules.items():
+        if p.lora_scale is not None:
+            loader = _dora_loader(src, p, base)
+        elif p.oft_alpha is not None:
+            loader = _oft_loader(src, p, base)
+        else:
+            loader = _loader(src, p.group, p.out_features, p.rows)
         modules[key] = LoraModule(key=key, kind=p.kind, out_features=p.out_features, in_features=p.in_features,
-                                  rank=p.rank, scale=p.scale, loader=_loader(src, p.group, p.out_features, p.rows),
+                                  rank=p.rank, scale=p.scale, loader=loader,
                                   kernel_size=p.kernel_size, source_name=p.group.name, dtype=torch_dtype(p.dtype))
     return Lora(modules=modules, format=plan.format, source=src.label, metadata=plan.metadata,
                 dtype=torch_dtype(plan.dtype), base_model=plan.base_model, layout=plan.layout)

@@ -71,7 +71,10 @@ def node_defs() -> Dict[str, Dict[str, Any]]:
     for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
         if node_id == "DomergeLoraList":
             it = {"required": {"lora_name": (["None"], {}), "strength": ("FLOAT", {"default": 1.0})},
-                  "optional": {"loras": ("DOMERGE_LORA_LIST", {}), "lora_stack": ("LORA_STACK", {})}}
+                  "optional": {"loras": ("DOMERGE_LORA_LIST", {}), "lora_stack": ("LORA_STACK", {}),
+                               "strength_clip": ("FLOAT", {"default": 1.0}),
+                               "use_strength_clip": ("BOOLEAN", {"default": False}),
+                               "block_weights": ("STRING", {"default": ""})}}
         else:
             it = cls.INPUT_TYPES()
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
