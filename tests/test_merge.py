@@ -543,3 +543,21 @@ def test_no_method_means_the_registry_default():
     assert a.method == default_method()
     for key in SHAPES:
         assert torch.equal(a.lora[key].factors()[1], b.lora[key].factors()[1])
+
+
+def test_output_rank_never_exceeds_what_the_layer_holds(tmp_path):
+    """Σ ranks above min(m, n) (three rank-12 LoRAs on a 24×24 layer, or a full ``.diff``): the
+    module is written exactly at rank min(m, n), and the file reads back (issue 15's finding)."""
+    g = torch.Generator().manual_seed(2)
+    mods = []
+    for i in range(3):
+        up, down = torch.randn(24, 12, generator=g), torch.randn(12, 24, generator=g) / 5
+        mods.append(Lora({TE: LoraModule.from_tensors(TE, up, down, 1.0)}, "kohya", source=f"t{i}.safetensors"))
+    for method in ("ta", "do"):
+        res = merge(mods, method, device="cpu", compute_dtype=torch.float64)
+        assert res.lora[TE].rank == 24 and res.report["modules"][TE]["rel_error"] < 1e-12
+        if method == "ta":
+            ref = sum(d64(l[TE]) for l in mods)
+            assert rel(d64(res.lora[TE]), ref) < 1e-10
+        back = __import__("domerge_core").load_lora(res.save(str(tmp_path / f"{method}.safetensors")))
+        assert back[TE].rank == 24

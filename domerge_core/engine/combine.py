@@ -97,16 +97,20 @@ def finish(upd: Update, alpha_star: Optional[Tensor], ctx: RunContext, fresh: Se
 
 def factorize(upd: Update, pre: Prepared, ctx: RunContext) -> Factors:
     """The output factors: low-rank updates exactly (rank Σr) or truncated to rank / energy;
-    dense updates factored at rank / energy, else at Σr (exactly when that is ≥ min(m, n))."""
+    dense updates factored at rank / energy, else at Σr (exactly when that is ≥ min(m, n)). No
+    module is written at more rank than its layer can hold: a Σr above min(m, n) is factored
+    exactly at min(m, n) (error 0)."""
     N = pre.A.shape[0]
+    cap = min(pre.B_in.shape[-2], pre.A.shape[-1])
     if isinstance(upd, LowRankUpdate):
-        if not ctx.truncating:
+        if not ctx.truncating and upd.up.shape[-1] <= cap:
             return (upd.up, upd.down, torch.full((N,), upd.up.shape[-1], dtype=torch.long),
                     torch.zeros(N, dtype=torch.float64))
+        rank = min(ctx.rank or cap, cap)
         if upd.S is not None:          # the method returned its exact SVD: truncation is a slice
-            out = truncate_svd_form(upd.up, upd.down, upd.S, ctx.rank, ctx.energy)
+            out = truncate_svd_form(upd.up, upd.down, upd.S, rank, ctx.energy)
         else:
-            out = truncate(upd.up, upd.down, ctx.rank, ctx.energy)
+            out = truncate(upd.up, upd.down, rank, ctx.energy)
     else:
         target = ctx.rank if ctx.rank is not None else sum(pre.ranks)
         with fixed_cpu_threads(upd.delta.device):    # the same bytes for any thread count (README)
