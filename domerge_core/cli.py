@@ -102,7 +102,6 @@ def cmd_inspect(args) -> int:
             out["analysis"] = analysis
         print(json.dumps(out, indent=2, default=str))
         return 0
-    from .errors import escape_controls
     for d in descs:
         print(format_description(d))
     if analysis is not None:

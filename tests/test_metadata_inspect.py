@@ -86,3 +86,28 @@ def test_describe_path_equals_describe_lora_and_needs_no_torch(lora_files, tmp_p
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stderr
     assert int(p.stdout) == describe(lora_files["sdxl_kohya_sgm"])["modules"]
+
+
+def test_inspect_and_load_resolve_a_peft_folder_by_one_rule(tmp_path):
+    """A folder holding one adapter file is that file for ``load_lora`` and ``describe`` alike; a
+    folder with two is refused by both, with the same message (one rule: formats.safetensors)."""
+    import shutil
+
+    import pytest
+    from domerge_core import LoraFormatError, describe, load_lora
+    from domerge_core.testing import tiny as T
+
+    lora = T.random_lora(T.tiny_sd1(folder=str(tmp_path / "pipe")), rank=2, seed=1)
+    one = tmp_path / "one"
+    one.mkdir()
+    T.write_peft(lora, str(one / "adapter_model.safetensors"))
+    assert describe(str(one))["modules"] == len(load_lora(str(one)))
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    shutil.copy(one / "adapter_model.safetensors", two / "pytorch_lora_weights.safetensors")
+    msgs = []
+    for fn in (load_lora, describe):
+        with pytest.raises(LoraFormatError) as e:
+            fn(str(two))
+        msgs.append(str(e.value))
+    assert msgs[0] == msgs[1] and "several" in msgs[0]

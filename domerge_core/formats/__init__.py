@@ -32,38 +32,25 @@ if TYPE_CHECKING:  # torch is imported by the functions that make tensors (``imp
 __all__ = ["load_lora", "load_state_dict", "to_state_dict", "save_lora", "default_format", "FORMATS"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
-
-
-def _uses_ab(keys: Iterable[str]) -> bool:
-    return any(".lora_A" in k or ".lora_B" in k for k in keys)
 
 
 def load_lora(path: PathLike, *, adapter_config: Union[None, PathLike, Mapping[str, Any]] = None,
               base=None) -> Lora:
     """Read a LoRA file lazily. Errors (:class:`LoraFormatError` and subclasses) name the file and key.
     ``base(canonical key, module name) -> weight or None``: the base model, for DoRA files (refused without)."""
-    from .safetensors import LazyFile, read_header, read_scalar
+    from .safetensors import LazyFile, adapter_config_beside, read_header, read_scalar, resolve_input
     from .reader import TensorSource, build_lora
 
-    path = os.fspath(path)
-    if os.path.isdir(path):     # a PEFT save_pretrained / diffusers save_lora_weights folder
-        found = [os.path.join(path, n) for n in ADAPTER_FILES if os.path.isfile(os.path.join(path, n))]
-        if len(found) != 1:
-            raise LoraFormatError("is a folder; give the .safetensors file itself" if not found else
-                                  f"is a folder with several LoRA files ({', '.join(map(os.path.basename, found))}); "
-                                  f"give one of them", file=path)
-        path = found[0]
+    path = resolve_input(path)
     header = read_header(path)
     lazy = LazyFile(path, header)
     src = TensorSource(path, {k: t.shape for k, t in header.tensors.items()},
                        {k: t.dtype for k, t in header.tensors.items()}, lazy.get,
                        scalar=lambda k: read_scalar(header, k, lazy.raw(k)))
     cfg = read_adapter_config(adapter_config)
-    if cfg is None and _uses_ab(header.tensors) and "lora_adapter_metadata" not in header.metadata:
-        beside = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
-        if os.path.lexists(beside):
-            cfg = read_adapter_config(beside)
+    if cfg is None:
+        beside = adapter_config_beside(path, header.tensors, header.metadata)
+        cfg = read_adapter_config(beside) if beside else None
     lora = build_lora(src, header.metadata, adapter_config=cfg, base=base)
     lora.content_sha256 = lazy.sha256
     return lora

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
 # identifiers with underscores that appear in module paths (longest match first when re-dotting)

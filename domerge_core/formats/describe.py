@@ -30,25 +30,17 @@ def _hist(values) -> Dict[str, int]:
 
 def _plan_of_file(path: str):
     """A Lora-like view of a file from its header (canonical modules, scales, shapes), torch-free."""
-    from ..formats import ADAPTER_FILES
     from .plan import TensorSource, plan_modules, read_adapter_config
-    from .safetensors import open_header, read_scalar, read_tensor_bytes
+    from .safetensors import adapter_config_beside, open_header, read_scalar, read_tensor_bytes, resolve_input
 
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        found = [os.path.join(path, n) for n in ADAPTER_FILES if os.path.isfile(os.path.join(path, n))]
-        if len(found) == 1:
-            path = found[0]
+    path = resolve_input(path)
     h, fd = open_header(path)      # one descriptor for the header and every alpha
     try:
         src = TensorSource(path, {k: t.shape for k, t in h.tensors.items()},
                            {k: t.dtype for k, t in h.tensors.items()},
                            scalar=lambda k: read_scalar(h, k, read_tensor_bytes(h, fd, k)))
-        cfg = None
-        if any(".lora_A" in k or ".lora_B" in k for k in h.tensors) and "lora_adapter_metadata" not in h.metadata:
-            beside = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
-            if os.path.lexists(beside):
-                cfg = read_adapter_config(beside)
+        beside = adapter_config_beside(path, h.tensors, h.metadata)
+        cfg = read_adapter_config(beside) if beside else None
         p = plan_modules(src, h.metadata, adapter_config=cfg)
     finally:
         os.close(fd)

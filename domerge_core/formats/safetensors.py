@@ -38,6 +38,7 @@ MAX_TENSOR_ELEMENTS = 1 << 31
 # The largest real LoRAs have a few thousand tensors (SDXL with convs: ~3.3k; a 405B LLM on every
 # linear: ~2.6k). Per-tensor work is what makes a file of a million 1-element tensors slow, so the
 # count is bounded, and the JSON parse stops as soon as it is exceeded.
+ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 MAX_TENSORS = 65536
 MAX_INT_DIGITS = 20                     # a JSON integer in a header never needs more (2^64 has 20)
 SPARSE_MIN_SIZE = 16 << 20              # files at least this large must really hold their bytes...
@@ -504,7 +505,6 @@ def protected_paths(inputs: Iterable[str]) -> List[str]:
         out.append(src)
         folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
         if os.path.isdir(src):
-            from . import ADAPTER_FILES
             out.extend(os.path.join(src, n) for n in ADAPTER_FILES)
         out.extend(os.path.join(folder, n) for n in SIDECARS)
     return out
@@ -804,3 +804,28 @@ def read_scalar(header: Header, key: str, raw: Optional[bytes] = None) -> float:
     if len(raw) != struct.calcsize(fmt):
         raise LoraFormatError(f"cannot read a {t.dtype} scalar", file=header.path, key=key)
     return float(struct.unpack(fmt, raw)[0])
+
+
+def resolve_input(path: str) -> str:
+    """The safetensors file a user's input names: the file itself, or the one LoRA file of a PEFT
+    ``save_pretrained`` / diffusers ``save_lora_weights`` folder (`ADAPTER_FILES`). The one rule
+    for ``merge`` and ``inspect``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = [os.path.join(path, n) for n in ADAPTER_FILES if os.path.isfile(os.path.join(path, n))]
+        if len(found) != 1:
+            raise LoraFormatError("is a folder; give the .safetensors file itself" if not found else
+                                  f"is a folder with several LoRA files ({', '.join(map(os.path.basename, found))}); "
+                                  f"give one of them", file=path)
+        return found[0]
+    return path
+
+
+def adapter_config_beside(path: str, tensor_names, metadata) -> Optional[str]:
+    """``adapter_config.json`` next to a PEFT-style file (lora_A/lora_B keys, no diffusers
+    ``lora_adapter_metadata``), if there is one: it holds the file's alphas."""
+    uses_ab = any(".lora_A" in k or ".lora_B" in k for k in tensor_names)
+    if not uses_ab or "lora_adapter_metadata" in metadata:
+        return None
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
+    return beside if os.path.lexists(beside) else None

@@ -18,8 +18,6 @@ import math
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
-
 from ..lora import Lora
 
 _NUM = re.compile(r"^\d+$")
