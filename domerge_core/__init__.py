@@ -22,6 +22,7 @@ _PUBLIC = {
     "save_lora": "formats", "default_format": "formats", "FORMATS": "formats",
     "check_loadable": "formats.writers", "loadable_formats": "formats.writers",
     "describe": "formats.describe", "check_compatible": "engine.plan", "output_metadata": "metadata",
+    "is_text_encoder": "formats.canonical",
     # methods and merging
     "Param": "methods.registry", "MethodSpec": "methods.registry", "get_method": "methods",
     "list_methods": "methods", "method_names": "methods", "default_method": "methods",

@@ -40,6 +40,7 @@ import re
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .errors import InvalidParameterError
+from .formats.canonical import is_text_encoder
 
 
 def _r(prefix: str, a: int, b: int) -> List[str]:
@@ -174,11 +175,6 @@ def block_multiplier(spec, base_model: Optional[str] = None) -> Callable[[str], 
     return factor
 
 
-TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "text_encoders.")
-
-
-def is_text_encoder(key: str) -> bool:
-    return key.startswith(TEXT_ENCODER_PREFIXES)
 
 
 def strength_multiplier(model: float, clip: float, blocks=None, base_model: Optional[str] = None

@@ -15,7 +15,6 @@ from domerge_core import DomergeError
 LORA_FOLDER = "loras"
 NONE_CHOICE = "None"
 SAFETENSORS = (".safetensors", ".sft")
-TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoders")
 
 
 class NodeInputError(DomergeError):
@@ -180,7 +179,7 @@ class KeyAligner:
         def rename(m):
             target = self._lookup(m)
             if target is None:
-                is_te = m.key.split(".", 1)[0] in TEXT_ENCODER_COMPONENTS
+                is_te = domerge_core.is_text_encoder(m.key)
                 if (is_te and not self.has_clip) or (not is_te and not self.has_model):
                     return m.key          # its side was not given: nothing to align against
                 misses.append(m.source_name or m.key)

@@ -36,8 +36,18 @@ _BY_FIRST: Dict[str, List[List[str]]] = {}          # first token -> compounds, 
 for _c in _COMPOUND_TOKENS:
     _BY_FIRST.setdefault(_c[0], []).append(_c)
 
-TE_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-COMPONENTS = ("unet", "transformer", "prior", "model") + TE_COMPONENTS
+# The one component list: the first segment of a canonical key.
+TE_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")           # diffusers text encoders
+DENOISER_COMPONENTS = ("unet", "transformer", "prior")                         # diffusers denoisers
+PIPELINE_COMPONENTS = DENOISER_COMPONENTS + TE_COMPONENTS                      # diffusers pipeline names
+NATIVE_COMPONENTS = ("diffusion_model", "text_encoders")                       # ComfyUI-native keys
+COMPONENTS = PIPELINE_COMPONENTS + ("model",) + NATIVE_COMPONENTS              # "model": generic PEFT
+TEXT_ENCODER_COMPONENTS = TE_COMPONENTS + ("text_encoders",)
+
+
+def is_text_encoder(key: str) -> bool:
+    """Whether a canonical module key belongs to a text encoder (it merges at the CLIP strength)."""
+    return key.split(".", 1)[0] in TEXT_ENCODER_COMPONENTS
 
 
 @functools.lru_cache(maxsize=1 << 16)

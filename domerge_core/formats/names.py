@@ -20,7 +20,7 @@ KOHYA_PREFIXES = (  # longest first
     ("lora_te_", "text_encoder"),
     ("lycoris_", "transformer"),
 )
-DOTTED_COMPONENTS = ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
+DOTTED_COMPONENTS = align.PIPELINE_COMPONENTS
 _UNET_HEADS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.",
                "add_embedding.")
 _DIT_HEADS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder", "context_embedder",
@@ -70,7 +70,7 @@ def kohya_name(name: str, out_features: int) -> Optional[Mapped]:
         if name.startswith(prefix):
             flat = name[len(prefix):]
             layout = {"format": "kohya"}
-            if comp in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if comp in align.TE_COMPONENTS:
                 layout["te_prefix_" + comp] = prefix[:-1]
                 return _one(align.canonical(comp, align.kohya_path(flat)), "kohya", layout)
             path = align.kohya_path(flat)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import LoraFormatError, UnsupportedFormatError
 from . import lycoris
+from .canonical import PIPELINE_COMPONENTS
 from .dtypes import FLOAT_CODES
 from .keys import ModuleKeys, group_keys
 from .names import Mapped, map_name, peft_relative_path
@@ -300,11 +301,11 @@ def _configs_from_metadata(metadata: Mapping[str, str], label: str = "") -> Dict
         return {}
     out: Dict[str, Dict[str, Any]] = {}
     for k, v in obj.items():
-        if isinstance(v, dict) and k in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if isinstance(v, dict) and k in PIPELINE_COMPONENTS:
             out.setdefault(k, {}).update(v)
             continue
         comp, dot, name = k.partition(".")
-        if dot and comp in ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if dot and comp in PIPELINE_COMPONENTS:
             out.setdefault(comp, {})[name] = v
         else:
             out.setdefault("", {})[k] = v

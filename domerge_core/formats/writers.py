@@ -118,8 +118,7 @@ def diffusers_module_name(key: str, lora: Lora) -> str:
 
 # components whose loaders (ComfyUI's LoraLoader, diffusers' load_lora_weights) know no PEFT
 # ``base_model.model.`` names: a "peft" file of them loads as nothing there
-DIFFUSION_COMPONENTS = ("unet", "transformer", "prior", "diffusion_model", "text_encoder", "text_encoder_2",
-                        "text_encoder_3", "text_encoders")
+DIFFUSION_COMPONENTS = align.PIPELINE_COMPONENTS + align.NATIVE_COMPONENTS
 
 
 def unloadable_reason(lora: Lora, format: str) -> Optional[str]:
