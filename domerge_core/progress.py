@@ -7,7 +7,7 @@ nothing. ``stage`` is a short word: "load", "orthogonalize", "merge", "truncate"
 from __future__ import annotations
 
 import os
-import signal
+import time
 from typing import Callable, Optional
 
 ProgressFn = Callable[[int, int, str], None]
@@ -32,4 +32,6 @@ def checkpoint(stage: str) -> None:
         return
     _parked = True
     while True:
-        signal.pause()
+        # short sleeps, not signal.pause(): a signal that lands just before pause() would be
+        # handled and then leave pause() waiting for another; each wake-up runs pending handlers
+        time.sleep(0.05)
