@@ -105,3 +105,15 @@ def test_protocols_end_to_end(bench, tmp_path):
     ranks = P.mean_ranks(store, ["diffusion"])
     assert sorted(r["label"] for r in ranks) == sorted(["stacking (ta, λ=1)", "ta", "do"])
     assert "| **do** |" in P.md_cell_table(store, "diffusion", "tuned", "T=2")
+
+
+def test_combos_with_options_and_without_plugins():
+    c = P.parse_combo("do[recombine=v2,orth_gamma=0.5,balanced=false]")
+    assert (c.label, c.method) == ("do[recombine=v2,orth_gamma=0.5,balanced=false]", "do")
+    assert c.params == {"recombine": "v2", "orth_gamma": 0.5, "balanced": False}
+    assert P.parse_combo("tsv").params == {}
+    with pytest.raises(ValueError):
+        P.parse_combo("do[no_such_option=1]")
+    labels = [c.label for c in P.combos(["ties", "do[recombine=v2]"], plugins="none")]
+    assert sorted(labels) == ["do[recombine=v2]", "ties"]
+    assert "ties +DO" in [c.label for c in P.combos(["ties"])]

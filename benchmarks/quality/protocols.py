@@ -50,17 +50,55 @@ def reference_combos() -> List[Combo]:
             Combo("average (ta, w=1/T, λ=1)", "ta", {}, fixed_lam=1.0, equal_weights=True)]
 
 
+def _value(text: str) -> Any:
+    """``true``/``false``, a number, or the text itself (a choice)."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_combo(name: str) -> Combo:
+    """``"do[recombine=v2,orth_gamma=0.5]"`` → a combo of ``do`` with those options (label = the
+    name as written); a plain name is the method at its defaults. Unknown methods or options raise."""
+    if "[" not in name:
+        domerge_core.methods.get_method(name)
+        return Combo(name, name, {})
+    method, rest = name.split("[", 1)
+    if not rest.endswith("]"):
+        raise ValueError(f"combo {name!r}: expected method[key=value,...]")
+    params = {}
+    for item in filter(None, rest[:-1].split(",")):
+        k, _, v = item.partition("=")
+        params[k.strip()] = _value(v)
+    known = {p.name for p in domerge_core.methods.get_method(method).all_params()}
+    bad = [k for k in params if k not in known]
+    if bad:
+        raise ValueError(f"combo {name!r}: {method} has no option(s) {bad}")
+    plug = "".join(t for t, k in (("D", "decouple"), ("O", "orthogonalize")) if params.get(k))
+    return Combo(name, method, params, plugins=plug)
+
+
 def combos(methods: Optional[Iterable[str]] = None, plugins: str = "all") -> List[Combo]:
-    """Every method in the registry at its defaults, and its plug-in variants."""
+    """Every method in the registry at its defaults, and its plug-in variants (``plugins``: "all"
+    = +D, +O, +DO; "lean" = +DO only; "none" = the defaults only). ``methods`` may also name
+    combos with options, ``do[recombine=v2]`` (`parse_combo`): scored as written, no plug-in variants."""
     want = None if methods is None else set(methods)
-    out: List[Combo] = []
+    out: List[Combo] = [parse_combo(m) for m in (methods or ()) if "[" in m]
+    if want is not None:
+        want = {m for m in want if "[" not in m}
     for spec in domerge_core.methods.list_methods():
         if want is not None and spec.name not in want:
             continue
         names = {p.name for p in spec.all_params()}
         d = spec.defaults()
         out.append(Combo(spec.name, spec.name, {}))
-        if not {"decouple", "orthogonalize"} <= names or d.get("decouple") or d.get("orthogonalize"):
+        if plugins == "none" or not {"decouple", "orthogonalize"} <= names or d.get("decouple") or d.get("orthogonalize"):
             continue
         variants = (("D", True, False), ("O", False, True), ("DO", True, True)) if plugins == "all" \
             else (("DO", True, True),)
@@ -214,7 +252,7 @@ def md_cell_table(store: Dict[str, Any], bench_name: str, protocol: str, size: s
         lams = ", ".join("–" if r["lam"] is None else f"{r['lam']:g}" for r in rs)
         ds = "–" if stack is None or row is stack or "skipped" in stack else _paired(row, stack)
         dt = "–" if ta is None or row is ta or "skipped" in ta else _paired(row, ta)
-        name = f"**{label}**" if label in ("do", "stacking (ta, λ=1)") else label
+        name = f"**{label}**" if label in (domerge_core.default_method(), "do", "stacking (ta, λ=1)") else label
         lines.append(f"| {name} | {fmt([r['test'] for r in rs])} | {ex}{ds} | {dt} | {lams} |")
     return "\n".join(lines)
 

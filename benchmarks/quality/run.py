@@ -714,7 +714,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--suite", choices=("all", "digits", "diffusion"),
                     help="both protocols (tuned, drop-in) × T = 2, 3, all for every registry combo "
                          "(see suite.py); rewrites RESULTS.md and the README summary")
-    ap.add_argument("--methods", nargs="+", help="--suite: score only these methods, merged with cached results")
+    ap.add_argument("--methods", nargs="+", help="--suite: score only these methods, merged with cached results; "
+                    "a method with options as one combo: 'do[recombine=v2,orth_gamma=0.5]'")
+    ap.add_argument("--plugins", choices=("all", "lean", "none"), default="all",
+                    help="--suite: plug-in variants scored per method: +D/+O/+DO (all), +DO (lean), none")
     ap.add_argument("--quick", action="store_true", help="--suite: smoke run (seed 0, T=2, 3 rows); writes nothing")
     ap.add_argument("--protocols", nargs="+", choices=("tuned", "dropin"), default=["tuned", "dropin"],
                     help="--suite: which protocols to (re)score")
@@ -723,7 +726,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if a.suite:
         import suite
         suite.run_suite(a.suite, [0] if a.quick else a.seeds, a.methods, a.quick, not a.no_write,
-                        protocols=a.protocols, sizes=a.sizes, report_only=a.report_only)
+                        protocols=a.protocols, sizes=a.sizes, report_only=a.report_only,
+                        plugins=a.plugins)
         return
     if a.report_only:
         out = json.load(open(OUT_JSON))

@@ -4,6 +4,8 @@
     python benchmarks/quality/run.py --suite diffusion        # one benchmark (the other's cached rows stay)
     python benchmarks/quality/run.py --suite all --methods knots tsvm   # score only these methods,
                                                               # merged with the cached results
+    python benchmarks/quality/run.py --suite all --methods tsv "do[recombine=v2]" --plugins none
+                                                              # named options, no +D/+O/+DO variants
     python benchmarks/quality/run.py --suite all --quick      # smoke run: seed 0, T=2, few combos; writes nothing
 
 Results: ``benchmarks/out/quality_protocols.json`` (every cell, per seed; the cache that
@@ -19,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+import domerge_core
 import protocols as P
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,12 +32,13 @@ RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 README = os.path.join(ROOT, "README.md")
 DOCS = os.path.join(ROOT, "docs")
 BENCHES = ("digits", "diffusion")
-DEFAULT_METHOD = "do"          # what the ComfyUI node and the CLI pick when nothing is chosen
+DEFAULT_METHOD = domerge_core.default_method()   # what merge(), the CLI, the node and the panel pick
 
 
-def diffusion_combos(methods: Optional[Sequence[str]]) -> List[P.Combo]:
-    """Every method at its defaults and +DO; the single plug-ins (+D, +O) for ta only (cost)."""
-    return [c for c in P.combos(methods) if c.plugins in ("", "DO") or c.method == "ta"]
+def diffusion_combos(methods: Optional[Sequence[str]], plugins: str = "all") -> List[P.Combo]:
+    """Every method at its defaults and +DO; the single plug-ins (+D, +O) for ta only (cost).
+    Combos named with options (``do[recombine=v2]``) are always kept."""
+    return [c for c in P.combos(methods, plugins) if c.plugins in ("", "DO") or c.method == "ta" or "[" in c.label]
 
 
 def with_refs(cmbs: List[P.Combo], methods: Optional[Sequence[str]]) -> List[P.Combo]:
@@ -134,26 +138,46 @@ def md_diffusion_setup(benches) -> str:
     return "\n".join(lines)
 
 
-def md_summary(store) -> str:
-    """README: stacking, ta and do (and the best combo of each cell), test scores."""
-    cols = [(bn, p, sz) for bn in BENCHES for p in P.PROTOCOLS for sz in P.SIZES]
-    lines = ["| benchmark | protocol | T | stacking | ta | do | best combo |", "|---|---|---|---|---|---|---|"]
-    for bn, p, sz in cols:
-        rows = dict((l, r) for l, r in P.rows_of(store, bn, p, sz) if "skipped" not in r)
-        if not rows:
-            continue
-        m = {l: float(np.mean([s["test"] for s in r["seeds"].values()])) for l, r in rows.items()}
-        best = max(m, key=m.get)
-        g = lambda l: f"{100 * m[l]:.1f}" if l in m else "–"  # noqa: E731
-        lines.append(f"| {bn} | {'drop-in' if p == 'dropin' else p} | {sz} | {g('stacking (ta, λ=1)')} | "
-                     f"{g('ta')} | {g('do')} | {best} {100 * m[best]:.1f} |")
+def _means(store, bn: str, p: str, sz: str, metric: str = "test") -> Dict[str, float]:
+    return {l: float(np.mean([s[metric] for s in r["seeds"].values()]))
+            for l, r in P.rows_of(store, bn, p, sz) if "skipped" not in r}
+
+
+def md_summary(store, ranks: Optional[List[Dict[str, Any]]] = None) -> str:
+    """README: the default (drop-in and tuned) against stacking and tuned ta, the best combo of
+    each protocol, test scores; then the mean-rank top 5 (validation, combos scored in every cell)."""
+    d = DEFAULT_METHOD
+    lines = [f"| benchmark | T | stacking | tuned `ta` | default `{d}`, drop-in | Δ vs tuned `ta` | "
+             f"Δ vs stacking | default `{d}`, tuned | best drop-in combo | best tuned combo |",
+             "|---" * 10 + "|"]
+    for bn in BENCHES:
+        for sz in P.SIZES:
+            dr, tu = _means(store, bn, "dropin", sz), _means(store, bn, "tuned", sz)
+            if not dr or not tu:
+                continue
+            g = lambda m, l: f"{100 * m[l]:.1f}" if l in m else "–"  # noqa: E731
+            dd = lambda a, b: f"{100 * (dr[a] - b):+.1f}" if a in dr else "–"  # noqa: E731
+            bd, bt = max(dr, key=dr.get), max(tu, key=tu.get)
+            lines.append(f"| {bn} | {sz} | {g(dr, 'stacking (ta, λ=1)')} | {g(tu, 'ta')} | {g(dr, d)} | "
+                         f"{dd(d, tu.get('ta', float('nan')))} | {dd(d, dr.get('stacking (ta, λ=1)', float('nan')))} | "
+                         f"{g(tu, d)} | {bd} {100 * dr[bd]:.1f} | {bt} {100 * tu[bt]:.1f} |")
+    if ranks:
+        n_cells = max(r["n_cells"] for r in ranks)
+        full = [r for r in ranks if r["n_cells"] == n_cells]
+        lines += ["", f"Mean rank on the validation splits over the {n_cells} cells (benchmark × protocol × T), "
+                      f"{len(full)} combos scored in every cell; top 5 and the default:", "",
+                  "| rank | combo | mean rank |", "|---|---|---|"]
+        for i, r in enumerate(full):
+            if i < 5 or r["label"] == d:
+                lines.append(f"| {i + 1} | {'**' + r['label'] + '**' if r['label'] == d else r['label']} | "
+                             f"{r['mean_rank']:.2f} |")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
 def run_suite(suite: str, seeds: Sequence[int], methods: Optional[Sequence[str]], quick: bool, write: bool,
               log=print, protocols: Sequence[str] = P.PROTOCOLS, sizes: Optional[Sequence[str]] = None,
-              report_only: bool = False) -> Dict[str, Any]:
+              report_only: bool = False, plugins: str = "all") -> Dict[str, Any]:
     from run import write_block
     torch.set_num_threads(1)
     t_start, c_start = time.time(), time.process_time()
@@ -170,10 +194,10 @@ def run_suite(suite: str, seeds: Sequence[int], methods: Optional[Sequence[str]]
         log(f"== {bn}")
         if bn == "digits":
             benches = build_digits(seeds, log)
-            cmbs = with_refs(P.combos(methods), methods)
+            cmbs = with_refs(P.combos(methods, plugins), methods)
         else:
             benches = diff_benches = build_diffusion(seeds, log, quick)
-            cmbs = with_refs(diffusion_combos(methods), methods)
+            cmbs = with_refs(diffusion_combos(methods, plugins), methods)
         if quick:
             cmbs = [c for c in cmbs if c.label in ("stacking (ta, λ=1)", "ta", "do")]
         P.run_grid(benches, bn, cmbs, store, log, protocols=protocols, sizes=sizes)
@@ -206,12 +230,12 @@ def run_suite(suite: str, seeds: Sequence[int], methods: Optional[Sequence[str]]
         import re
         text = open(RESULTS_MD).read()
         stamp = "\n\n".join(m.strip() for m in re.findall(r"<!-- BEGIN timing-suite-[a-z]+ -->(.*?)<!-- END", text, re.S))
-        write_block(README, "quality-summary", md_summary(store) + ("\n\n" + stamp if stamp else ""))
+        write_block(README, "quality-summary", md_summary(store, ranks) + ("\n\n" + stamp if stamp else ""))
         return out
     stamp = (f"`run.py --suite {suite}" + (f" --methods {' '.join(methods)}" if methods else "") +
              f"`, seeds {list(seeds)}: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) +
              f"; total {wall:.0f}s wall, {cpu:.0f}s CPU, one thread")
     write_block(RESULTS_MD, f"timing-suite-{suite}", stamp)
-    write_block(README, "quality-summary", md_summary(store) + "\n\n" + stamp.replace("`run.py", "`python benchmarks/quality/run.py"))
+    write_block(README, "quality-summary", md_summary(store, ranks) + "\n\n" + stamp.replace("`run.py", "`python benchmarks/quality/run.py"))
     log(stamp)
     return out

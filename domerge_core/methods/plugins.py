@@ -2,7 +2,7 @@
 
 Declared once here and appended to `registry.PLUGIN_PARAMS`; `MethodSpec.all_params()` lists them
 after the method's own parameters. ``do`` turns both on through ``defaults_override``.
-Defaults are provisional (measured on synthetic inputs; the benchmark issue settles them).
+Defaults: measured on benchmarks/quality (RESULTS.md); do overrides decouple, orthogonalize and recombine.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ PARAMS = [
                "stable below 2); adam uses lr·0.03·RMS of each factor's coordinates."),
     Param("orth_gamma", "float", 0.1, min=0.0, max=100.0, step=0.01, label="Orth. γ",
           help="Weight of the stay-close term γ·‖δ‖²/‖A‖²: larger keeps the factors closer to the "
-               "originals, smaller orthogonalizes more. Default 0.1: best on the validation split of "
-               "benchmarks/quality (+0.46 ± 0.30 points of normalized accuracy over 0.5; 1 and 10 lose)."),
+               "originals, smaller orthogonalizes more. Default 0.1: for do, mean rank 6.42 vs 7.42 for 0.5 "
+               "over the 12 validation cells of benchmarks/quality (1 and 10 lost in the digits sweep)."),
     Param("orth_optimizer", "choice", "gd", choices=OPTIMIZERS, label="Orth. optimizer",
           help="gd: gradient descent with a Lipschitz step (rotation-equivariant, exact in the span "
                "coordinates); adam: Adam run in those coordinates."),
@@ -39,7 +39,8 @@ PARAMS = [
                "strengths), mean of the strength-scaled magnitudes, or their maximum."),
     Param("recombine", "choice", "v1", choices=RECOMBINE_RULES, label="Recombine",
           help="v1: λ·direction·magnitude; v2: norm-preserving, each merged column gets exactly the "
-               "merged magnitude (times λ)."),
+               "merged magnitude (times λ). do uses v2 (at strengths 1 the merge no longer grows with the "
+               "number of LoRAs); the plug-in default for other methods stays v1."),
 ]
 
 if not any(p.name == "decouple" for p in PLUGIN_PARAMS):
