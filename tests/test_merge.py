@@ -450,8 +450,9 @@ def test_cli_merge_prints_rank_error_and_cosines(tmp_path):
 
 # ----------------------------------------------------------------------------- one-sided route
 
-@pytest.mark.parametrize("method,params", [("do", {"recombine": "v1"}),
+@pytest.mark.parametrize("method,params", [("do", {"recombine": "v1"}), ("do", {"recombine": "v2"}),
                                            ("do", {"lam": 0.7, "magnitude": "max", "recombine": "v1"}),
+                                           ("do", {"lam": 1.2, "recombine": "v2"}),
                                            ("ta", {"orthogonalize": True, "lam": 1.3})])
 def test_linear_merge_maps_the_smaller_side_only(method, params, monkeypatch):
     """For ``ta``/``do`` on a module with m > n, the orthogonalization's R×R transform, the strengths

@@ -83,14 +83,24 @@ def direction_weights(w: Tensor) -> Tensor:
     return torch.where(g > 0, w / torch.where(g > 0, g, torch.ones_like(g)), w)
 
 
-def recombine_lowrank(B: Tensor, A: Tensor, alpha_star: Tensor, rule: str, lam: float,
-                      inplace: bool = False) -> Tuple[Tensor, Tensor]:
-    """Low-rank recombination: a column scaling of the merged direction's down factor
-    (in place on A when ``inplace``)."""
+def recombine_scale(B: Tensor, A: Tensor, alpha_star: Tensor, rule: str, lam: float,
+                    GB: Optional[Tensor] = None) -> Tensor:
+    """The column scaling (…, 1, n) of the merged direction ``B @ A`` that recombination applies:
+    v1 ``λ·α*``; v2 ``λ·α*/‖(BA)[:, k]‖`` (the column norms from ``GB = BᵀB`` when given)."""
     if rule == "v1":
-        s = (lam * alpha_star).unsqueeze(-2)
-    elif rule == "v2":
-        s = (lam * alpha_star * _inverse_magnitude(col_norms(B, A))).unsqueeze(-2)
+        return (lam * alpha_star).unsqueeze(-2)
+    if rule == "v2":
+        norms = col_norms(B, A) if GB is None else ((GB @ A) * A).sum(-2).clamp_min(0).sqrt()
+        return (lam * alpha_star * _inverse_magnitude(norms)).unsqueeze(-2)
+    raise ValueError(f"unknown recombine rule {rule!r} (use one of {', '.join(RECOMBINE_RULES)})")
+
+
+def recombine_lowrank(B: Tensor, A: Tensor, alpha_star: Tensor, rule: str, lam: float,
+                      inplace: bool = False, GB: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Low-rank recombination: a column scaling of the merged direction's down factor
+    (in place on A when ``inplace``; ``GB``: ``BᵀB`` if known, for v2)."""
+    if rule in RECOMBINE_RULES:
+        s = recombine_scale(B, A, alpha_star, rule, lam, GB)
     else:
         s = None
     if s is not None:

@@ -9,7 +9,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..algebra.decouple import direction_down, direction_weights, merge_magnitudes, recombine_dense, recombine_lowrank
+from ..algebra.decouple import (direction_down, direction_weights, merge_magnitudes, recombine_dense, recombine_lowrank,
+                                recombine_scale)
 from ..algebra.linalg import block_indicator, factorize_dense, truncate, truncate_svd_form
 from ..devices import fixed_cpu_threads
 from ..methods.base import DenseUpdate, LowRankUpdate, TaskSet, Update
@@ -56,30 +57,37 @@ def method_inputs(pre: Prepared, W: Tensor, ctx: RunContext, up_side: bool
 def one_sided(pre: Prepared, W: Tensor, ctx: RunContext) -> Optional[LowRankUpdate]:
     """A linear method (``ta``, ``do``) on factors held as ``B_in @ right_B`` with the down side the
     smaller one (m > n): the merged update is ``B_in · (right_B · D)``, so the R×R transform, the
-    strengths, the direction coefficients and the v1 recombination all go to the down factor and
-    the up factor is written as loaded (no m-side product). None when it does not apply."""
+    strengths, the direction coefficients and the recombination (v2: column norms from GB̂) all go to
+    the down factor, and the up factor is written as loaded (no m-side product). None when it does
+    not apply."""
     p = ctx.params
     m, n = pre.B_in.shape[-2], pre.A.shape[-1]
     # the choice depends on the batch only (never on what a cache happens to hold): bit-identical
     # results warm and cold
-    if not ctx.spec.linear or pre.right_B is None or m <= n or (p["decouple"] and p["recombine"] != "v1"):
+    if not ctx.spec.linear or pre.right_B is None or m <= n:
         return None
     if p["decouple"]:
         alpha = pre.magnitudes()
-        down = pre.right_B @ direction_down(pre.A, alpha, pre.ranks, direction_weights(W))
-        return LowRankUpdate(pre.B_in, down.mul_((ctx.lam * merge_magnitudes(alpha, W, p["magnitude"])).unsqueeze(-2)))
+        D = direction_down(pre.A, alpha, pre.ranks, direction_weights(W))
+        # column norms of B̂·D come from GB̂ = B̂ᵀB̂ (v2), so D is scaled before the transform
+        s = recombine_scale(None, D, merge_magnitudes(alpha, W, p["magnitude"]), p["recombine"], ctx.lam, pre.GB)
+        return LowRankUpdate(pre.B_in, pre.right_B @ D.mul_(s))
     per_row = W @ block_indicator(pre.ranks, ctx.device, ctx.dtype).T          # (N, R)
     return LowRankUpdate(pre.B_in, (pre.right_B * (ctx.lam * per_row).unsqueeze(-2)) @ pre.A)
 
 
-def finish(upd: Update, alpha_star: Optional[Tensor], ctx: RunContext, fresh: Sequence[Tensor]) -> Update:
-    """Recombine (decouple) and λ. ``fresh``: tensors this run made, which may be scaled in place."""
+def finish(upd: Update, alpha_star: Optional[Tensor], ctx: RunContext, fresh: Sequence[Tensor],
+           pre: Optional[Prepared] = None) -> Update:
+    """Recombine (decouple) and λ. ``fresh``: tensors this run made, which may be scaled in place;
+    ``pre``: the batch's prepared factors (their Gram serves v2's column norms when the method
+    kept the prepared up factor)."""
     lam = ctx.lam
     owned = lambda t: any(t is f for f in fresh)          # noqa: E731
     if isinstance(upd, LowRankUpdate):
         if alpha_star is not None:
+            GB = pre.GB if pre is not None and pre.mapped and upd.up is pre.B else None
             return LowRankUpdate(*recombine_lowrank(upd.up, upd.down, alpha_star, ctx.params["recombine"], lam,
-                                                    inplace=owned(upd.down)))
+                                                    inplace=owned(upd.down), GB=GB))
         if lam == 1.0:
             return upd
         S = None if upd.S is None else upd.S * abs(lam)   # an SVD form stays one under λ ≥ 0
@@ -129,6 +137,6 @@ def combine(batch: Sequence[ModuleJob], pre: Prepared, ctx: RunContext) -> Facto
         fresh = [t for t in (up, down) if t is not pre.B and t is not pre.A]
         tasks = TaskSet(up, down, list(pre.ranks), [j.key for j in batch], batch[0].inputs,
                         [ctx.tags[i] for i in batch[0].inputs])
-        upd = finish(ctx.spec.fn(tasks, ctx.params, ctx.method_context()), alpha_star, ctx, fresh)
+        upd = finish(ctx.spec.fn(tasks, ctx.params, ctx.method_context()), alpha_star, ctx, fresh, pre)
     ctx.tick("merge", len(batch))
     return factorize(upd, pre, ctx)
