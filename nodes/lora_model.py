@@ -1,8 +1,8 @@
 """The ``LORA_MODEL`` value the nodes pass around.
 
-ComfyUI's ``LORA_MODEL`` is a plain ``dict[str, Tensor]`` (``LoraModelLoader``, ``SaveLoRANode``
-and ``TrainLoraNode`` use it). `MergedLora` *is* such a dict (kohya names, which every ComfyUI
-model family's key map understands) and also carries the core's `MergeResult` and the text
+ComfyUI's ``LORA_MODEL`` is a plain ``dict[str, Tensor]`` (``LoraModelLoader``, ``SaveLoRA`` --
+``SaveLoRANode`` before ComfyUI's V3 nodes -- and ``TrainLoraNode`` use it). `MergedLora` *is* such
+a dict (kohya names, which every ComfyUI model family's key map understands) and also carries the core's `MergeResult` and the text
 report, so 'Save Merged LoRA' can write the core's metadata and 'LoRA Merge Report' can draw the
 diagnostics. Any other dict still works with the apply and save nodes.
 """

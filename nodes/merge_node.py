@@ -44,7 +44,7 @@ class DomergeMergeLoras:
     RETURN_TYPES = ("LORA_MODEL", "STRING")
     RETURN_NAMES = ("lora", "report")
     OUTPUT_TOOLTIPS = ("The merged LoRA (a state dict; works with Apply Merged LoRA, LoraModelLoader, "
-                       "SaveLoRANode).", "A short text report of the merge.")
+                       "SaveLoRA).", "A short text report of the merge.")
     FUNCTION = "merge"
 
     @classmethod

