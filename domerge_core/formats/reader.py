@@ -61,6 +61,15 @@ def _loader(src: TensorSource, g: ModuleKeys, out_f: int, rows: Optional[Tuple[i
 BaseFn = Callable[[str, str], Optional[torch.Tensor]]
 
 
+def _base_weight(base: BaseFn, p: ModulePlan, src: TensorSource, key: str, kind: str) -> torch.Tensor:
+    """The base weight a DoRA / OFT module needs, or a clear error naming the file and key."""
+    w = base(p.key, p.group.name)
+    if w is None:
+        raise LoraFormatError(f"{kind} module: its base weight was not found in the given base model",
+                              file=src.label, key=key)
+    return w
+
+
 def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
     """DoRA as ComfyUI applies it (``weight_decompose``): W' = (W + s·BA) · m / ‖W + s·BA‖ (per input
     column; per output row with ``‖W‖`` when ``dora_scale`` has one value per output), ΔW = W' − W —
@@ -69,10 +78,7 @@ def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
     dk = p.group.keys["dora_scale"]
 
     def load():
-        w = base(p.key, p.group.name)
-        if w is None:
-            raise LoraFormatError("DoRA module: its base weight was not found in the given base model",
-                                  file=src.label, key=dk)
+        w = _base_weight(base, p, src, dk, "DoRA")
         shape = (p.out_features, *( (p.in_features // (p.kernel_size[0] * p.kernel_size[1]), *p.kernel_size)
                                     if p.kernel_size else (p.in_features,)))
         if w.numel() != p.out_features * p.in_features:
@@ -102,10 +108,7 @@ def _oft_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
     bk = p.group.keys["oft_blocks"]
 
     def load():
-        w = base(p.key, p.group.name)
-        if w is None:
-            raise LoraFormatError("OFT module: its base weight was not found in the given base model",
-                                  file=src.label, key=bk)
+        w = _base_weight(base, p, src, bk, "OFT")
         blocks = _finite(src.get(bk), src, bk)
         return lycoris._capped_dense(lycoris.oft_update(blocks, w, p.oft_alpha))
 
