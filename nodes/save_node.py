@@ -31,8 +31,9 @@ def check_prefix(prefix: str) -> str:
     return p
 
 
-def output_path(prefix: str):
-    """(full path, name as listed by ComfyUI) of the first free ``<prefix>_NNNNN.safetensors``."""
+def output_path(prefix: str, start: int = 1):
+    """(full path, name as listed by ComfyUI, counter) of the first free ``<prefix>_NNNNN.safetensors``
+    from counter ``start`` on (a dangling link or anything else at a name makes it taken)."""
     import folder_paths
 
     p = check_prefix(prefix)
@@ -42,11 +43,11 @@ def output_path(prefix: str):
     if os.path.commonpath([root, folder]) != root:       # e.g. a symlinked subfolder pointing out
         raise glue.NodeInputError(f"filename_prefix {prefix!r} leaves the loras folder {root}")
     os.makedirs(folder, exist_ok=True)
-    for i in range(1, MAX_COUNTER + 1):
+    for i in range(start, MAX_COUNTER + 1):
         name = f"{base}_{i:05d}.safetensors"
         full = os.path.join(folder, name)
-        if not os.path.exists(full):
-            return full, (f"{sub}/{name}" if sub else name)
+        if not os.path.lexists(full):
+            return full, (f"{sub}/{name}" if sub else name), i
     raise glue.NodeInputError(f"no free file name for {prefix!r} in {folder}")
 
 
@@ -87,15 +88,26 @@ class DomergeSaveLora:
         return True
 
     def save(self, lora, filename_prefix, format, dtype):
-        full, listed = output_path(filename_prefix)
+        check_prefix(filename_prefix)
         result = getattr(lora, "result", None)
         src = result.lora if result is not None else domerge_core.load_state_dict(dict(lora), source="LORA_MODEL")
         try:       # a layout the stock loaders would skip is refused, not written
             domerge_core.check_loadable(src, format)
         except domerge_core.LoraFormatError as e:
             raise glue.NodeInputError(str(e)) from None
-        if result is not None:
-            result.save(full, format=format, dtype=torch_dtype(dtype), overwrite=False)
-        else:      # a plain LORA_MODEL (e.g. TrainLoraNode's): read through the core, write the same way
-            domerge_core.save_lora(src, full, format=format, dtype=torch_dtype(dtype), overwrite=False)
-        return {"ui": {"text": [listed]}, "result": (listed,)}
+        start = 1
+        while True:
+            full, listed, i = output_path(filename_prefix, start)
+            try:
+                if result is not None:
+                    result.save(full, format=format, dtype=torch_dtype(dtype), overwrite=False)
+                else:  # a plain LORA_MODEL (e.g. TrainLoraNode's): read through the core, write the same way
+                    domerge_core.save_lora(src, full, format=format, dtype=torch_dtype(dtype), overwrite=False)
+            except domerge_core.OutputExistsError:
+                # another save (a second queue item, another node) took the name after we chose it:
+                # the write never replaces a file, so take the next free counter
+                if not os.path.lexists(full) or i >= MAX_COUNTER:
+                    raise
+                start = i + 1
+                continue
+            return {"ui": {"text": [listed]}, "result": (listed,)}

@@ -97,3 +97,32 @@ def test_save_prefix_with_control_characters_is_refused(loras_dir, prefix):
         M["DomergeSaveLora"]().save(lora, prefix, "kohya", "fp16")
     assert "\n" not in str(ei.value) and "\x1b" not in str(ei.value)
     assert listing(loras_dir) == before
+
+
+def test_save_race_for_one_name_takes_the_next_counter(loras_dir, monkeypatch):
+    """Two saves that choose the same ``_NNNNN`` name: the one that publishes second does not fail
+    with "exists" (nor replace the first file) but takes the next free counter. The race is made
+    deterministic: the competing save runs, for real, right after the first one chose its name."""
+    from domerge_nodes import save_node
+
+    write_good(os.path.join(loras_dir, "a.safetensors"), seed=1)
+    write_good(os.path.join(loras_dir, "b.safetensors"), seed=2)
+    _refresh()
+    lora, _ = _node_merge(["a.safetensors", "b.safetensors"])
+    real = save_node.output_path
+    state = {"raced": False}
+
+    def chosen_then_taken(prefix, start=1):
+        got = real(prefix, start)
+        if not state["raced"]:
+            state["raced"] = True
+            state["other"] = M["DomergeSaveLora"]().save(lora, prefix, "kohya", "fp32")["result"][0]
+        return got
+
+    monkeypatch.setattr(save_node, "output_path", chosen_then_taken)
+    first = M["DomergeSaveLora"]().save(lora, "race/m", "kohya", "fp16")["result"][0]
+    assert state["other"] == "race/m_00001.safetensors"
+    assert first == "race/m_00002.safetensors"
+    a = dc.load_lora(os.path.join(loras_dir, state["other"]))
+    b = dc.load_lora(os.path.join(loras_dir, first))
+    assert a.dtype == torch.float32 and b.dtype == torch.float16      # the first file was kept as written
