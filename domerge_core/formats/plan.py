@@ -531,8 +531,8 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             scale = _alpha(src, g.keys["alpha"]) / divisor if "alpha" in g.keys and divisor else 1.0
         elif "alpha" in g.keys:
             scale = _alpha(src, g.keys["alpha"]) / rank
-        elif g.family == "ab" and scales:
-            comp = mapped.targets[0][0].split(".", 1)[0]
+        elif g.family in ("ab", "old") and scales:     # old attention-processor names too: diffusers
+            comp = mapped.targets[0][0].split(".", 1)[0]  # renames them to lora_A/B and applies the config
             rule = scales.get(comp) or scales.get("")
             rel = peft_relative_path(g.name)
             paths = [rel, mapped.targets[0][0].split(".", 1)[1]]
