@@ -177,7 +177,7 @@ def test_refused_peft_variants_are_named(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # diffusers: a PEFT DoRA saved by save_lora_weights on the tiny SD1 pipeline
 # ------------------------------------------------------------------------------------------------
-def _diffusers_dora(pipe, path, seed=1):
+def _diffusers_dora(pipe, path, seed=1, text_encoder=True):
     """PEFT DoRA adapters on the pipeline's UNet and CLIP (random, B ≠ 0, magnitudes perturbed), saved
     by diffusers' ``save_lora_weights``; returns {(component, param): PEFT-merged ΔW}. The pipeline is
     left as it was."""
@@ -203,12 +203,13 @@ def _diffusers_dora(pipe, path, seed=1):
                     p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
                 elif "lora_" in n:
                     p.add_(0.3 * torch.randn(p.shape, generator=g))
+    te_kw = dict(text_encoder_lora_layers=get_peft_model_state_dict(te),
+                 text_encoder_lora_adapter_metadata=tcfg.to_dict()) if text_encoder else {}
     StableDiffusionPipeline.save_lora_weights(
-        str(path), unet_lora_layers=get_peft_model_state_dict(unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(te), safe_serialization=True,
-        unet_lora_adapter_metadata=ucfg.to_dict(), text_encoder_lora_adapter_metadata=tcfg.to_dict())
+        str(path), unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True,
+        unet_lora_adapter_metadata=ucfg.to_dict(), **te_kw)
     out = {}
-    for comp, model in (("unet", unet), ("text_encoder", te)):
+    for comp, model in (("unet", unet), ("text_encoder", te))[:2 if text_encoder else 1]:
         for name, mod in model.named_modules():
             if isinstance(mod, LoraLayer):
                 w0 = mod.get_base_layer().weight.detach().double().clone()
