@@ -23,6 +23,7 @@ _PUBLIC = {
     "check_loadable": "formats.writers", "loadable_formats": "formats.writers",
     "describe": "formats.describe", "check_compatible": "engine.plan", "output_metadata": "metadata",
     "is_text_encoder": "formats.canonical",
+    "base_from_pipeline": "formats.base_pipeline",
     # methods and merging
     "Param": "methods.registry", "MethodSpec": "methods.registry", "get_method": "methods",
     "list_methods": "methods", "method_names": "methods", "default_method": "methods",

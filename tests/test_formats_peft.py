@@ -153,3 +153,44 @@ def test_adapter_config_beside_a_diffusers_file(tmp_path, sd1_pipe, ref_deltas):
     got = load_lora(path)
     assert got[odd].rank == 2 and got[odd].scale == pytest.approx(2.5)
     assert_same_deltas(got, ref_deltas(lora))
+
+
+# old attention-processor names (training scripts of diffusers 0.14-0.24) with a lora_adapter_metadata
+OLD_STYLES = {
+    "processor_lora": lambda base, last: f"unet.{base}.processor.{last}.lora",        # …processor.to_q.lora.down
+    "compatible_linear": lambda base, last: f"unet.{base}.{last}.lora",               # …to_q.lora.down
+    "attn_processor": lambda base, last: f"unet.{base}.processor.{last.split('.')[0]}_lora",   # …processor.to_q_lora.down
+}
+
+
+@pytest.mark.parametrize("style", sorted(OLD_STYLES))
+def test_old_processor_names_with_adapter_metadata_take_alpha_over_r(tmp_path, sd1_pipe, style):
+    """UNet in old attention-processor names, text encoder in lora_A/lora_B, r/lora_alpha in
+    ``lora_adapter_metadata``: diffusers renames the old keys to lora_A/B and scales every module by
+    lora_alpha/r (here 8/4 = 2 on the UNet). The reader did so only for lora_A/B modules (UNet read at
+    scale 1); pinned against diffusers' own load_lora_weights + fuse_lora."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for n, m in sd1_pipe.unet.named_modules():
+        if n.endswith((".attn1.to_q", ".attn1.to_k", ".attn2.to_v", ".attn1.to_out.0")):
+            base, last = (n[:-len(".to_out.0")], "to_out.0") if n.endswith("to_out.0") else n.rsplit(".", 1)
+            stem = OLD_STYLES[style](base, last)
+            sd[stem + ".down.weight"] = torch.randn(4, m.in_features, generator=g) * 0.3
+            sd[stem + ".up.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.3
+    for n, m in sd1_pipe.text_encoder.named_modules():
+        if n.endswith(("self_attn.q_proj", "self_attn.v_proj")):
+            k = "text_encoder." + ("" if n.startswith("text_model.") else "text_model.") + n
+            sd[k + ".lora_A.weight"] = torch.randn(2, m.in_features, generator=g) * 0.3
+            sd[k + ".lora_B.weight"] = torch.randn(m.out_features, 2, generator=g) * 0.3
+    meta = {"unet.r": 4, "unet.lora_alpha": 8, "unet.target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+            "text_encoder.r": 2, "text_encoder.lora_alpha": 1, "text_encoder.target_modules": ["q_proj", "v_proj"]}
+    p = str(tmp_path / f"{style}.safetensors")
+    save_file(sd, p, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    lora = load_lora(p)
+    assert {m.key.split(".")[0]: m.scale for m in lora} == {"unet": 2.0, "text_encoder": 0.5}
+    assert_matches_diffusers(sd1_pipe, p, lora)
+    # without the metadata, old names keep scale 1 (diffusers: lora_alpha defaults to r)
+    save_file(sd, p, metadata={"format": "pt"})
+    assert {m.scale for m in load_lora(p)} == {1.0}

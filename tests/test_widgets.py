@@ -407,3 +407,65 @@ def test_preview_refuses_pipeline_with_adapters(pipe, lora_dir):
         assert pipe.get_list_adapters()["unet"] == ["user"]
     finally:
         pipe.unload_lora_weights()
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs that need the base model (DoRA): base=pipe, or the preview's pipeline
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dora_dir(pipe, tmp_path_factory):
+    """A kohya DoRA (``dora_scale``) and a PEFT DoRA (``lora_magnitude_vector``, diffusers'
+    save_lora_weights) for the tiny SD1 UNet, and the UNet as a diffusers component file (``--base``)."""
+    from safetensors.torch import save_file
+    from test_formats_peft_base import _diffusers_dora
+
+    d = tmp_path_factory.mktemp("dora")
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    for path in ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+                 "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+                 "down_blocks.1.attentions.0.proj_in", "down_blocks.0.resnets.0.conv1"):
+        m = pipe.unet.get_submodule(path)
+        name = "lora_unet_" + path.replace(".", "_")
+        w = m.weight
+        sd[f"{name}.lora_down.weight"] = torch.randn(4, *w.shape[1:], generator=g) * 0.2
+        sd[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], 4, *[1] * (w.dim() - 2), generator=g) * 0.2
+        sd[f"{name}.alpha"] = torch.tensor(2.0)
+        sd[f"{name}.dora_scale"] = torch.rand(1, w.shape[1], *[1] * (w.dim() - 2), generator=g) + 0.5
+    save_file(sd, str(d / "kohya_dora.safetensors"))
+    _diffusers_dora(pipe, d / "peft", text_encoder=False)
+    os.replace(d / "peft" / "pytorch_lora_weights.safetensors", d / "peft_dora.safetensors")
+    os.rmdir(d / "peft")
+    pipe.unet.save_pretrained(str(d / "unet"))            # diffusion_pytorch_model.safetensors
+    return d
+
+
+def test_panel_reads_dora_against_the_pipeline_like_the_cli_base(pipe, dora_dir, tmp_path):
+    from conftest import run_cli
+
+    files = [str(dora_dir / "kohya_dora.safetensors"), str(dora_dir / "peft_dora.safetensors")]
+    # no base: both rows show the reader's refusal, naming the file and asking for a base
+    bare = MergePanel(loras=files, background=False, debounce=60.0, output_dir=str(tmp_path), method="ta")
+    for r, f in zip(bare.rows, files):
+        assert r.lora is None and r.enabled.disabled and f in r.error and "base" in r.error
+        assert ("dora_scale" if "kohya" in f else "lora_magnitude_vector") in r.error
+    bare.merge_button.click()
+    assert "no LoRA enabled" in bare.last_error
+    # a PreviewPanel gives the panel its pipeline: the rows load
+    PreviewPanel(pipe, bare, steps=1, size=64, background=False)
+    assert all(r.lora is not None and not r.enabled.disabled and r.enabled.value for r in bare.rows)
+    # MergePanel(base=pipe) from the start
+    p = MergePanel(loras=files, background=False, debounce=60.0, output_dir=str(tmp_path), method="ta", base=pipe)
+    assert all(r.error is None for r in p.rows)
+    p.rows[0].strength.value = 0.7
+    p.merge_button.click()
+    assert p.last_error is None, p.last_error
+    _assert_same_update(p.result.lora, core.merge(**p.merge_kwargs()).lora)
+    # the CLI with --base (the UNet's diffusers component file) gives the same merge
+    out = tmp_path / "cli.safetensors"
+    r = run_cli("merge", *files, "-o", out, "--method", "ta", "--weights", "0.7,1", "--dtype", "fp32", "-q",
+                "--base", dora_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert r.returncode == 0, r.stderr
+    _assert_same_update(core.load_lora(str(out)), p.result.lora, rtol=1e-5)
+    r = run_cli("merge", *files, "-o", tmp_path / "x.safetensors", "--method", "ta", "-q")
+    assert r.returncode == 2 and "base" in r.stderr

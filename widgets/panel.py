@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import ipywidgets as W
 
 import domerge_core as core
+from domerge_core.formats.base_pipeline import as_base
 
 from .debounce import Debouncer
 from domerge_core.report.plots import render_pngs
@@ -89,18 +90,25 @@ class MergePanel:
     ``MergePanel(loras=[paths])`` or ``MergePanel(folder="loras/")``; display it as the last
     expression of a cell. Programmatic use mirrors the UI: set widget values, ``merge()`` (or
     ``merge_button.click()``) and ``wait()``; the last result is ``panel.result``.
+
+    ``base``: the base model, for inputs whose update depends on its weights (kohya/LyCORIS DoRA and
+    OFT, PEFT DoRA/OFT/BOFT): a diffusers pipeline, a ``{component: module}`` dict, a checkpoint path
+    or a ``fn(key, name)``. Without one those inputs show the reader's refusal; :meth:`set_base` (which
+    a :class:`PreviewPanel` calls with its pipeline) gives one later and re-reads them.
     """
 
     def __init__(self, loras: Optional[Sequence[Any]] = None, folder: Optional[str] = None, *,
                  method: Optional[str] = None, weights: Optional[Sequence[float]] = None, device: str = "auto",
                  live: bool = False, debounce: float = 0.35, background: bool = True,
-                 output_dir: Optional[str] = None, strength_range: tuple = (-2.0, 2.0)):
+                 output_dir: Optional[str] = None, strength_range: tuple = (-2.0, 2.0), base: Any = None):
         if loras is None and folder is None:
             raise ValueError("give loras=[paths] or folder=...")
         paths: List[Any] = list(loras or [])
         if folder is not None:
             paths += sorted(glob.glob(os.path.join(folder, "*.safetensors")))
         self.background = background
+        self.base = base
+        self._base_fn = as_base(base)
         self.output_dir = output_dir or folder or os.getcwd()
         self.cache = core.MergeCache()
         self.result = None                      # last successful MergeResult
@@ -178,21 +186,32 @@ class MergePanel:
         self.widget = self._layout()
 
     # ------------------------------------------------------------------ construction
-    def _make_row(self, p: Any, weight: float, rng: tuple) -> LoraRow:
-        path = os.fspath(p) if not hasattr(p, "modules") else getattr(p, "source", "<memory>")
-        lora, error = (p, None) if hasattr(p, "modules") else (None, None)
-        if lora is None:
-            try:
-                lora = core.load_lora(path)
-            except core.DomergeError as e:
-                error = str(e)
-            except Exception as e:  # an unexpected reader failure must not kill the panel
-                error = f"{path}: {type(e).__name__}: {e}"
+    def _load(self, path: str):
+        """(lora, error, summary) of one input file."""
+        lora, error, info = None, None, ""
+        try:
+            lora = core.load_lora(path, base=self._base_fn)
+        except core.DomergeError as e:
+            error = str(e)
+        except Exception as e:  # an unexpected reader failure must not kill the panel
+            error = f"{path}: {type(e).__name__}: {e}"
         if error is None:
             try:
                 info = summary_line(_describe(lora))
             except core.DomergeError as e:
                 lora, error = None, str(e)
+        return lora, error, info
+
+    def _make_row(self, p: Any, weight: float, rng: tuple) -> LoraRow:
+        path = os.fspath(p) if not hasattr(p, "modules") else getattr(p, "source", "<memory>")
+        if hasattr(p, "modules"):
+            lora, error, info = p, None, ""
+            try:
+                info = summary_line(_describe(lora))
+            except core.DomergeError as e:
+                lora, error = None, str(e)
+        else:
+            lora, error, info = self._load(path)
         enabled = W.Checkbox(value=error is None, disabled=error is not None, indent=False,
                              layout=W.Layout(width="28px"))
         name = W.Label(os.path.basename(path), layout=W.Layout(width="220px"), tooltip=path)
@@ -207,6 +226,31 @@ class MergePanel:
                         layout=W.Layout(width="160px"))
         return LoraRow(path, lora, error, enabled, name, info_w, strength,
                        W.HBox([enabled, name, strength, blocks, info_w]), blocks)
+
+    def set_base(self, base: Any) -> int:
+        """Use ``base`` (see the class doc) from now on and re-read the inputs that failed to load
+        (e.g. DoRA/OFT refused for want of a base). Returns how many rows now load."""
+        self.base = base
+        self._base_fn = as_base(base)
+        fixed = 0
+        for r in self.rows:
+            if r.lora is not None or r.error is None:
+                continue
+            lora, error, info = self._load(r.path)
+            r.error = error
+            if error is not None:
+                r.info.value = _message_html(error, "error")
+                continue
+            r.lora = lora
+            r.info.value = f"<span style='font-size:12px'>{html.escape(info)}</span>"
+            for w in (r.enabled, r.strength, r.blocks):
+                if w is not None:
+                    w.disabled = False
+            r.enabled.value = True
+            fixed += 1
+        if fixed:
+            self._refresh_stale()
+        return fixed
 
     def _spec(self):
         return self._specs[self.method.value]

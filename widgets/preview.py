@@ -11,6 +11,9 @@ so the pipeline is left exactly as it was; a pipeline that already holds LoRA ad
 Works with any diffusers pipeline that has ``load_lora_weights`` and accepts ``prompt``,
 ``num_inference_steps``, ``generator`` and ``output_type="np"``; extra call arguments go in
 ``pipe_kwargs``.
+
+A panel without a ``base`` gets this pipeline as its base (``MergePanel.set_base``): inputs refused for
+want of one (DoRA, OFT, PEFT DoRA/OFT/BOFT) are read against the pipeline's weights.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ class PreviewPanel:
             raise TypeError(f"{type(pipe).__name__} does not take LoRAs (no load_lora_weights)")
         self.pipe = pipe
         self.panel = panel
+        if getattr(panel, "base", None) is None and hasattr(panel, "set_base"):
+            panel.set_base(pipe)      # the previewed model is the base DoRA/OFT inputs are read against
         self.background = background
         self.pipe_kwargs = dict(pipe_kwargs or {})
         self.size = size

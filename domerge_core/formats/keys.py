@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import LoraFormatError, UnsupportedFormatError
-from . import lycoris
+from . import lycoris, peft_adapters
 
 # (suffix, role, family). Longest/most specific first. family: "down_up" (kohya/LyCORIS/ComfyUI:
 # scale from .alpha), "ab" (PEFT/diffusers: scale from config), "old" (diffusers attention processors),
@@ -16,6 +16,7 @@ SUFFIXES: Tuple[Tuple[str, str, str], ...] = (
     (".lora_down.weight", "down", "down_up"),
     (".lora_up.weight", "up", "down_up"),
     (".lora_mid.weight", "mid", "down_up"),
+) + peft_adapters.SUFFIXES + (      # PEFT DoRA / OFT / BOFT: read only with a base weight
     (".lora_A.default.weight", "down", "ab"),
     (".lora_B.default.weight", "up", "ab"),
     (".lora_A.weight", "down", "ab"),
@@ -39,8 +40,8 @@ SUFFIXES: Tuple[Tuple[str, str, str], ...] = (
 _UNSUPPORTED: Tuple[Tuple[str, str], ...] = (
     ("oft_blocks", "OFT/BOFT"),
     ("oft_diag", "OFT"),
-    (".oft_r", "OFT"),
-    (".oft_R", "OFT"),
+    (".oft_r", "PEFT OFT from PEFT < 0.14 (oft_r/oft_s; PEFT itself no longer loads these)"),
+    (".oft_R", "PEFT OFT"),
     ("boft_", "BOFT"),
     ("dora_scale", "DoRA (dora_scale)"),
     ("lora_magnitude_vector", "DoRA (PEFT lora_magnitude_vector)"),
@@ -103,11 +104,13 @@ def group_keys(keys: Iterable[str], file: Optional[str], allow_dora: bool = Fals
     keys = list(keys)
     for key in keys:
         what = classify_unsupported(key)
-        if what and allow_dora and key.endswith((".dora_scale", ".oft_blocks")):
+        with_base = key.endswith((".dora_scale", ".oft_blocks")) or peft_adapters.readable_with_base(key)
+        if what and allow_dora and with_base:
             what = None
         if what:
+            hint = f"; {peft_adapters.BASE_HINT}" if with_base else ""
             raise UnsupportedFormatError(
-                f"format found: {what}; only plain LoRA/LoCon factors can be merged "
+                f"format found: {what}; only plain LoRA/LoCon factors can be merged{hint} "
                 f"(first offending key {key!r})", file=file, key=key)
     for key in keys:
         parsed = split_key(key)
@@ -115,7 +118,7 @@ def group_keys(keys: Iterable[str], file: Optional[str], allow_dora: bool = Fals
             raise LoraFormatError(f"tensor {key!r} is not a LoRA factor (expected lora_down/lora_up, "
                                   f"lora_A/lora_B or alpha keys)", file=file, key=key)
         name, role, family = parsed
-        if role in ("alpha", "dora_scale", "rescale"):
+        if role in ("alpha", "dora_scale", "rescale", "magnitude"):
             pending_alpha[(name, role)] = key
             continue
         g = groups.get(name)
@@ -141,6 +144,12 @@ def group_keys(keys: Iterable[str], file: Optional[str], allow_dora: bool = Fals
             lycoris.check_roles(g.name, g.family, {r: k for r, k in g.keys.items() if r not in ("alpha", "rescale")},
                                 file)
             continue
+        if g.family in peft_adapters.FAMILIES:
+            peft_adapters.check_roles(g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"}, file)
+            continue
+        if "magnitude" in g.keys and g.family != "ab":
+            raise UnsupportedFormatError("format found: lora_magnitude_vector beside non-PEFT factors",
+                                         file=file, key=g.keys["magnitude"])
         if "down" not in g.keys:
             raise LoraFormatError(f"module {g.name!r} has an up factor but no down factor", file=file,
                                   key=g.keys.get("up") or g.keys.get("mid"))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import LoraFormatError, UnsupportedFormatError
-from . import lycoris
+from . import lycoris, peft_adapters
 from .canonical import PIPELINE_COMPONENTS
 from .dtypes import FLOAT_CODES
 from .keys import ModuleKeys, group_keys
@@ -228,12 +228,13 @@ class PeftScale:
             raise LoraFormatError(f"adapter config: use_rslora must be true or false, not {_show(rs)}",
                                   file=label, key="use_rslora")
         self.rslora = rs
+        fifo = cfg.get("fan_in_fan_out", False)
+        self.fan_in_fan_out = fifo is True
         dora = cfg.get("use_dora")
         if dora is not None and not isinstance(dora, bool):
             raise LoraFormatError(f"adapter config: use_dora must be true or false, not {_show(dora)}",
                                   file=label, key="use_dora")
-        if dora:
-            raise UnsupportedFormatError("format found: DoRA (use_dora in the adapter config)", file=label)
+        self.dora = bool(dora)       # PEFT DoRA: its lora_magnitude_vector tensors are read with a base
         self.rank_pattern = self._patterns(cfg, "rank_pattern", integer=True)
         self.alpha_pattern = self._patterns(cfg, "alpha_pattern", integer=False)
 
@@ -428,6 +429,7 @@ class ModulePlan:
     dtype: str                            # safetensors dtype name of the factors
     lora_scale: Optional[float] = None    # DoRA: the LoRA's own scale (``scale`` is then 1: dense ΔW)
     oft_alpha: Optional[float] = None     # OFT (dense ΔW from the base weight): its constraint alpha (0: none)
+    peft: Optional[peft_adapters.PeftSpec] = None   # PEFT DoRA / OFT / BOFT (dense ΔW from the base weight)
 
 
 @dataclass
@@ -452,7 +454,9 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
         cfg_file = adapter_config.pop(CONFIG_SOURCE, None)
         cfgs.setdefault("", {}).update(adapter_config)
         labels[""] = cfg_file or src.label
-    scales = {k: PeftScale(v, labels.get(k, src.label)) for k, v in cfgs.items()}
+    rotations = {k: peft_adapters.RotationConfig.from_config(v, labels.get(k, src.label))
+                 for k, v in cfgs.items() if peft_adapters.rotation_type(v)}
+    scales = {k: PeftScale(v, labels.get(k, src.label)) for k, v in cfgs.items() if k not in rotations}
     modules: Dict[str, ModulePlan] = {}
     formats: Counter = Counter()
     layout: Dict[str, str] = {}
@@ -460,7 +464,25 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
     dtypes: Counter = Counter()
     for g in groups:
         lyco = g.family in lycoris.FAMILIES
-        if lyco:
+        rot_fam = g.family in peft_adapters.FAMILIES
+        peft_spec = None
+        if rot_fam:           # PEFT OFT / BOFT: the geometry is the base weight's
+            for k in g.keys.values():
+                _check_float(src, k)
+            mapped = map_name(g.name, "ab", 0)
+            k0 = next(iter(g.keys.values()))
+            if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
+                raise UnsupportedFormatError(f"{peft_adapters.NAMES[g.family]} on a fused module (split into "
+                                             f"several) is not supported", file=src.label, key=k0)
+            shape = base_shape(mapped.targets[0][0], g.name) if base_shape else None
+            if shape is None:
+                raise LoraFormatError(f"{peft_adapters.NAMES[g.family]} module: its base weight was not found in "
+                                      f"the given base model", file=src.label, key=k0)
+            comp = mapped.targets[0][0].split(".", 1)[0]
+            rot = rotations.get(comp) or rotations.get("")
+            out_f, in_f, rank, kernel = peft_adapters.rotation_geometry(src, g, shape, rot)
+            peft_spec = peft_adapters.PeftSpec("oft" if g.family == "peft_oft" else "boft", rotation=rot)
+        elif lyco:
             for k in g.keys.values():
                 if k != g.keys.get("alpha"):
                     _check_float(src, k)
@@ -468,7 +490,8 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
                 src, g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"})
         else:
             out_f, in_f, rank, kernel = _module_geometry(src, g)
-        mapped: Mapped = map_name(g.name, "down_up" if lyco else g.family, out_f)
+        if not rot_fam:
+            mapped = map_name(g.name, "down_up" if lyco else g.family, out_f)
         oft_alpha = None
         if g.family == "oft":         # the base weight gives the columns; dense ΔW, exact at rank min(m, n)
             bk = g.keys["oft_blocks"]
@@ -502,12 +525,14 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             layout.setdefault(k, v)
         if mapped.base_hint:
             bases[mapped.base_hint] += 1
-        if lyco:     # ComfyUI's rules: alpha / (inner size of a stored factor pair), else 1 (OFT, diff: 1)
+        if rot_fam:
+            scale = 1.0
+        elif lyco:     # ComfyUI's rules: alpha / (inner size of a stored factor pair), else 1 (OFT, diff: 1)
             scale = _alpha(src, g.keys["alpha"]) / divisor if "alpha" in g.keys and divisor else 1.0
         elif "alpha" in g.keys:
             scale = _alpha(src, g.keys["alpha"]) / rank
-        elif g.family == "ab" and scales:
-            comp = mapped.targets[0][0].split(".", 1)[0]
+        elif g.family in ("ab", "old") and scales:     # old attention-processor names too: diffusers
+            comp = mapped.targets[0][0].split(".", 1)[0]  # renames them to lora_A/B and applies the config
             rule = scales.get(comp) or scales.get("")
             rel = peft_relative_path(g.name)
             paths = [rel, mapped.targets[0][0].split(".", 1)[1]]
@@ -516,10 +541,27 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             scale = rule.scale(paths, rank) if rule else 1.0
         else:
             scale = 1.0
-        dt = src.dtypes[g.keys["up"] if not lyco else next(iter(g.keys.values()))]
+        dt = src.dtypes[g.keys["up"] if not (lyco or rot_fam) else next(iter(g.keys.values()))]
         dtypes[dt] += 1
         lora_scale = None
-        if "dora_scale" in g.keys:          # dense update from the base weight, exact at rank min(m, n)
+        if g.family == "ab" and not rot_fam and scales:
+            comp = mapped.targets[0][0].split(".", 1)[0]
+            rule = scales.get(comp) or scales.get("")
+            if rule is not None and rule.dora and "magnitude" not in g.keys:
+                raise UnsupportedFormatError("format found: PEFT DoRA (use_dora) without a lora_magnitude_vector "
+                                             "for this module", file=src.label, key=g.keys["down"])
+        if "magnitude" in g.keys:           # PEFT DoRA: dense update from the base weight
+            mk = g.keys["magnitude"]
+            _check_float(src, mk)
+            if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
+                raise UnsupportedFormatError("PEFT DoRA on a fused module (split into several) is not supported",
+                                             file=src.label, key=mk)
+            if any(r.fan_in_fan_out for r in scales.values()):
+                raise UnsupportedFormatError("format found: PEFT DoRA with fan_in_fan_out (Conv1D layers) is not "
+                                             "read", file=src.label, key=mk)
+            peft_spec = peft_adapters.PeftSpec("dora", lora_scale=scale)
+            scale, rank = 1.0, min(out_f, in_f)
+        elif "dora_scale" in g.keys:          # dense update from the base weight, exact at rank min(m, n)
             _check_float(src, g.keys["dora_scale"])
             if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
                 raise UnsupportedFormatError("DoRA on a fused module (split into several) is not supported",
@@ -532,7 +574,7 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             modules[key] = ModulePlan(key=key, kind="conv" if kernel else "linear",
                                       out_features=rows[1] - rows[0] if rows else out_f, in_features=in_f,
                                       rank=rank, scale=scale, kernel_size=kernel, group=g, rows=rows, dtype=dt,
-                                      lora_scale=lora_scale, oft_alpha=oft_alpha)
+                                      lora_scale=lora_scale, oft_alpha=oft_alpha, peft=peft_spec)
     if formats.get("diffusers") and formats.get("diffusers_old"):
         # diffusers files written for ComfyUI too keep the UNet in attention-processor names
         formats["diffusers"] += formats.pop("diffusers_old")

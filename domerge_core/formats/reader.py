@@ -118,7 +118,8 @@ def _oft_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
 def build_lora(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, *,
                adapter_config: Optional[Mapping[str, Any]] = None, base: Optional[BaseFn] = None) -> Lora:
     """``base(canonical key, module name in the file) -> weight tensor or None``: the base model's
-    weights, needed by (and only read for) DoRA modules; without it DoRA files are refused."""
+    weights, needed by (and only read for) DoRA / OFT modules (kohya, LyCORIS, PEFT DoRA/OFT/BOFT);
+    without it those files are refused."""
     base_shape = None
     if base is not None:
         base_shape = getattr(base, "shape", None)
@@ -130,7 +131,10 @@ def build_lora(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, 
                         base_shape=base_shape)
     modules = {}
     for key, p in plan.modules.items():
-        if p.lora_scale is not None:
+        if p.peft is not None:
+            from .peft_adapters import make_loader
+            loader = make_loader(src, p, base)
+        elif p.lora_scale is not None:
             loader = _dora_loader(src, p, base)
         elif p.oft_alpha is not None:
             loader = _oft_loader(src, p, base)

@@ -822,9 +822,9 @@ def resolve_input(path: str) -> str:
 
 
 def adapter_config_beside(path: str, tensor_names, metadata) -> Optional[str]:
-    """``adapter_config.json`` next to a PEFT-style file (lora_A/lora_B keys, no diffusers
-    ``lora_adapter_metadata``), if there is one: it holds the file's alphas."""
-    uses_ab = any(".lora_A" in k or ".lora_B" in k for k in tensor_names)
+    """``adapter_config.json`` next to a PEFT-style file (lora_A/lora_B, PEFT OFT/BOFT keys, no diffusers
+    ``lora_adapter_metadata``), if there is one: it holds the file's alphas (OFT/BOFT: their settings)."""
+    uses_ab = any(".lora_A" in k or ".lora_B" in k or ".oft_R" in k or ".boft_R" in k for k in tensor_names)
     if not uses_ab or "lora_adapter_metadata" in metadata:
         return None
     beside = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
