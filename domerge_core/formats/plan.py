@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import LoraFormatError, UnsupportedFormatError
-from . import lycoris
+from . import lycoris, lycoris_base
 from .canonical import PIPELINE_COMPONENTS
 from .dtypes import FLOAT_CODES
 from .keys import ModuleKeys, group_keys
@@ -427,7 +427,26 @@ class ModulePlan:
     rows: Optional[Tuple[int, int]]       # up-row range (a split of a fused module) or None
     dtype: str                            # safetensors dtype name of the factors
     lora_scale: Optional[float] = None    # DoRA: the LoRA's own scale (``scale`` is then 1: dense ΔW)
-    oft_alpha: Optional[float] = None     # OFT (dense ΔW from the base weight): its constraint alpha (0: none)
+    oft_alpha: Optional[float] = None     # OFT/BOFT (dense ΔW from the base weight): constraint alpha (0: none)
+
+
+def _base_geometry(src: TensorSource, g: ModuleKeys, mapped: Mapped, base_shape) -> "lycoris_base.BaseGeometry":
+    """An OFT / BOFT / GLoRA module checked against its base weight's shape (header-only when
+    ``base_shape`` is): a clear error naming the file and key otherwise."""
+    what, key = lycoris.NAMES[g.family], g.keys.get("oft_blocks") or g.keys["a1"]
+    if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
+        raise UnsupportedFormatError(f"{what} on a fused module (split into several) is not supported",
+                                     file=src.label, key=key)
+    shape = base_shape(mapped.targets[0][0], g.name) if base_shape else None
+    if shape is None:
+        raise LoraFormatError(f"{what} module: its base weight was not found in the given base model",
+                              file=src.label, key=key)
+    shape = tuple(int(x) for x in shape)
+    if len(shape) not in (2, 4):
+        raise LoraFormatError(f"{what} module: the base weight has shape {list(shape)}, not a linear or conv "
+                              f"weight", file=src.label, key=key)
+    scalar = src.scalar or (lambda k: float(src.get(k).reshape(()).double()))
+    return lycoris_base.geometry(src, g, shape, scalar)
 
 
 @dataclass
@@ -459,42 +478,26 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
     bases: Counter = Counter()
     dtypes: Counter = Counter()
     for g in groups:
+        lycoris_base.refine_family(src, g)
         lyco = g.family in lycoris.FAMILIES
+        based = g.family in lycoris_base.FAMILIES      # OFT / BOFT / GLoRA: geometry from the base weight
         if lyco:
             for k in g.keys.values():
                 if k != g.keys.get("alpha"):
                     _check_float(src, k)
-            out_f, in_f, rank, kernel, divisor = lycoris.geometry(
-                src, g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"})
+            if based:
+                out_f, in_f, rank, kernel, divisor = lycoris_base.rows(src, g), None, None, None, None
+            else:
+                out_f, in_f, rank, kernel, divisor = lycoris.geometry(
+                    src, g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"})
         else:
             out_f, in_f, rank, kernel = _module_geometry(src, g)
         mapped: Mapped = map_name(g.name, "down_up" if lyco else g.family, out_f)
         oft_alpha = None
-        if g.family == "oft":         # the base weight gives the columns; dense ΔW, exact at rank min(m, n)
-            bk = g.keys["oft_blocks"]
-            if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
-                raise UnsupportedFormatError("OFT on a fused module (split into several) is not supported",
-                                             file=src.label, key=bk)
-            shape = base_shape(mapped.targets[0][0], g.name) if base_shape else None
-            if shape is None:
-                raise LoraFormatError("OFT module: its base weight was not found in the given base model",
-                                      file=src.label, key=bk)
-            shape = tuple(int(x) for x in shape)
-            if shape[0] != out_f or len(shape) not in (2, 4):
-                raise LoraFormatError(f"OFT blocks cover {out_f} rows, the base weight has shape {list(shape)}",
-                                      file=src.label, key=bk)
-            in_f = 1
-            for x in shape[1:]:
-                in_f *= x
-            kernel = shape[2:] if len(shape) == 4 else None
-            rank = min(out_f, in_f)
-            oft_alpha = 0.0               # OFT's alpha is a norm constraint; 0 (common) means none
-            if "alpha" in g.keys:
-                ak = g.keys["alpha"]
-                oft_alpha = float(src.scalar(ak)) if src.scalar else float(src.get(ak).reshape(()).double())
-                if not math.isfinite(oft_alpha):
-                    raise LoraFormatError(f"alpha is {oft_alpha} (not finite)", file=src.label, key=ak)
-            divisor = None
+        if based:                     # dense ΔW (OFT/BOFT) or exact factors (GLoRA) from the base weight
+            bg = _base_geometry(src, g, mapped, base_shape)
+            out_f, in_f, kernel, rank = bg.out_features, bg.in_features, bg.kernel, bg.rank
+            divisor, oft_alpha = bg.divisor, bg.constraint
         elif lyco and kernel is None:
             kernel = lycoris.conv_kernel_hint(mapped.targets[0][0], in_f)
         formats[mapped.format] += 1
@@ -524,7 +527,10 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
                 raise UnsupportedFormatError("DoRA on a fused module (split into several) is not supported",
                                              file=src.label, key=g.keys["dora_scale"])
-            lora_scale, scale, rank = scale, 1.0, min(out_f, in_f)
+            # ComfyUI's weight_decompose multiplies the adapter's update by the alpha it is given: the
+            # scale for LoRA/LoHa/LoKr/GLoRA, but OFT/BOFT pass their norm constraint (OFT: 0 if none)
+            lora_scale = oft_alpha if g.family in ("oft", "boft") else scale
+            scale, rank = 1.0, min(out_f, in_f)
         for key, rows in mapped.targets:
             if key in modules:
                 raise LoraFormatError(f"two entries map to the same module {key!r}", file=src.label,
