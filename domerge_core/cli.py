@@ -90,10 +90,14 @@ def cmd_inspect(args) -> int:
     from .formats.describe import format_description
 
     # describe() reads headers only (no torch import): fast even on a 1 GB file.
-    descs = [dict(dc.describe(p)) for p in args.files]
+    descs = [dict(dc.describe(p, base=args.base)) for p in args.files]
     analysis = None
     if len(args.files) >= 2 and not args.no_analysis:
-        loras = [dc.load_lora(p) for p in args.files]
+        base = None
+        if args.base:
+            from .formats.base import base_weights
+            base = base_weights(args.base)
+        loras = [dc.load_lora(p, base=base) for p in args.files]
         dc.check_compatible(loras)
         analysis = dc.analyze(loras, device=args.device)
     if args.json:
@@ -333,6 +337,8 @@ def build_parser(method_params: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--no-analysis", action="store_true", help="skip the pairwise analysis of several files")
     p.add_argument("--device", default="auto")
+    p.add_argument("--base", default=None, metavar="MODEL.safetensors",
+                   help="the base model that OFT/BOFT/GLoRA/DoRA files need (only shapes are read)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("convert", help="rewrite a LoRA in another layout")
@@ -351,7 +357,8 @@ def build_parser(method_params: bool = True) -> argparse.ArgumentParser:
                    help="merge method (see `domerge methods`, which names the default and why)")
     p.add_argument("--weights", default=None, help="strengths w1,w2,... (default 1 each)")
     p.add_argument("--base", default=None, metavar="MODEL.safetensors",
-                   help="the base model (SD/SDXL checkpoint or diffusers component file): DoRA inputs need it")
+                   help="the base model (SD/SDXL checkpoint or diffusers component file): DoRA, "
+                        "OFT, BOFT and GLoRA inputs need it")
     p.add_argument("--clip-weights", default=None,
                    help="text-encoder strengths c1,c2,... (default: the --weights); like LoraLoader's strength_clip")
     p.add_argument("--block-weights", action="append", default=None, metavar="VECTOR",

@@ -310,11 +310,13 @@ def test_nan_in_a_loha_factor_is_refused_naming_the_key():
     assert e.value.key == f"{name}.hada_w1_b" and "NaN" in str(e.value)
 
 
-def test_loha_with_dora_scale_is_still_refused():
+def test_loha_with_dora_scale_is_refused_without_a_base():
+    """Read with a base (tests/test_formats_lycoris_base.py); without one, a clear refusal."""
     sd, name, *_ = loha()
     sd[f"{name}.dora_scale"] = torch.ones(24, 1)
-    with pytest.raises(UnsupportedFormatError, match="DoRA"):
+    with pytest.raises(UnsupportedFormatError, match="DoRA") as e:
         load_state_dict(sd, source="x.safetensors")
+    assert e.value.key == f"{name}.dora_scale" and "base model" in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,8 +28,31 @@ def _hist(values) -> Dict[str, int]:
 
 
 
-def _plan_of_file(path: str):
-    """A Lora-like view of a file from its header (canonical modules, scales, shapes), torch-free."""
+def _adapter(m) -> str:
+    """lora / dora / loha / lokr / diff / oft / boft / glora, and "<type>+dora" for DoRA on LyCORIS."""
+    fam = m.group.family if m.group.family in ("loha", "lokr", "diff", "oft", "boft", "glora") else "lora"
+    if m.lora_scale is None:
+        return fam
+    return "dora" if fam == "lora" else f"{fam}+dora"
+
+
+def _base_shape(base):
+    """``fn(canonical key, module name) -> shape or None`` from a checkpoint path (header only) or a
+    ``base`` function as ``load_lora`` takes it."""
+    if base is None:
+        return None
+    if isinstance(base, (str, os.PathLike)):
+        from .base import base_weights
+        base = base_weights(os.fspath(base))
+    shape = getattr(base, "shape", None)
+    if shape is not None:
+        return shape
+    return lambda key, name: (lambda t: None if t is None else tuple(t.shape))(base(key, name))
+
+
+def _plan_of_file(path: str, base=None):
+    """A Lora-like view of a file from its header (canonical modules, scales, shapes), torch-free.
+    ``base`` (checkpoint path or function): the base model that OFT/BOFT/GLoRA/DoRA modules need."""
     from .plan import TensorSource, plan_modules, read_adapter_config
     from .safetensors import adapter_config_beside, open_header, read_scalar, read_tensor_bytes, resolve_input
 
@@ -41,25 +64,26 @@ def _plan_of_file(path: str):
                            scalar=lambda k: read_scalar(h, k, read_tensor_bytes(h, fd, k)))
         beside = adapter_config_beside(path, h.tensors, h.metadata)
         cfg = read_adapter_config(beside) if beside else None
-        p = plan_modules(src, h.metadata, adapter_config=cfg)
+        p = plan_modules(src, h.metadata, adapter_config=cfg, allow_dora=base is not None,
+                         base_shape=_base_shape(base))
     finally:
         os.close(fd)
     mods = [SimpleNamespace(key=m.key, kind=m.kind, rank=m.rank, scale=m.scale, kernel_size=m.kernel_size,
                             dtype=short_name(m.dtype), out_features=m.out_features,
                             in_features=m.in_features,
-                            adapter=("dora" if m.lora_scale is not None else
-                                     {"loha": "loha", "lokr": "lokr", "diff": "diff", "oft": "oft"}.get(
-                                         m.group.family, "lora")))
+                            adapter=_adapter(m))
             for m in p.modules.values()]
     return SimpleNamespace(modules=mods, format=p.format, base_model=p.base_model, layout=p.layout,
                            metadata=p.metadata, source=path)
 
 
-def describe(lora: Union["Lora", str, "os.PathLike[str]"]) -> Dict[str, Any]:
+def describe(lora: Union["Lora", str, "os.PathLike[str]"], base=None) -> Dict[str, Any]:
     """JSON-ready summary: format, base-model guess, module counts, ranks, alphas/scales, dtype,
-    parameters, file. Accepts a loaded :class:`Lora` or a path (header-only, torch-free)."""
+    parameters, file. Accepts a loaded :class:`Lora` or a path (header-only, torch-free). ``base`` (a
+    checkpoint path or a ``load_lora`` base function; only its shapes are read): lets a path with
+    OFT/BOFT/GLoRA/DoRA modules be described, which is refused without it."""
     if isinstance(lora, (str, os.PathLike)):
-        lora = _plan_of_file(lora)
+        lora = _plan_of_file(lora, base)
         mods = list(lora.modules)
     else:
         mods = list(lora)
@@ -90,7 +114,7 @@ def describe(lora: Union["Lora", str, "os.PathLike[str]"]) -> Dict[str, Any]:
     }
     adapters = Counter(getattr(m, "adapter", None) for m in mods)
     if None not in adapters and set(adapters) != {"lora"}:
-        out["adapters"] = dict(adapters)          # LyCORIS LoHa / LoKr / full diff modules (read exactly)
+        out["adapters"] = dict(adapters)          # LyCORIS / DoRA / full diff modules (read exactly)
     if src and os.path.isfile(src):
         out["file_size"] = os.path.getsize(src)
     return out

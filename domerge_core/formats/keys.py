@@ -1,5 +1,5 @@
 """Tensor keys -> (module name, role): the suffix grammar of every LoRA layout we read (plain LoRA/LoCon,
-LyCORIS LoHa/LoKr), and the recognition of adapter types we refuse (OFT, DoRA, full diffs...)."""
+LyCORIS LoHa/LoKr/GLoRA/OFT/BOFT), and the recognition of adapter types we refuse (OFT, DoRA, full diffs...)."""
 from __future__ import annotations
 
 import re
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import LoraFormatError, UnsupportedFormatError
-from . import lycoris, peft_adapters
+from . import lycoris, lycoris_base, peft_adapters
 
 # (suffix, role, family). Longest/most specific first. family: "down_up" (kohya/LyCORIS/ComfyUI:
 # scale from .alpha), "ab" (PEFT/diffusers: scale from config), "old" (diffusers attention processors),
@@ -32,8 +32,8 @@ SUFFIXES: Tuple[Tuple[str, str, str], ...] = (
 ) + lycoris.SUFFIXES + (
     (".alpha", "alpha", ""),
     (".dora_scale", "dora_scale", ""),      # read only with a base weight (group_keys(allow_dora=True))
-    (".oft_blocks", "oft_blocks", "oft"),   # LyCORIS OFT: idem
-    (".rescale", "rescale", ""),            # OFT's rescale (loaded, not applied, by ComfyUI)
+    (".oft_blocks", "oft_blocks", "oft"),   # LyCORIS OFT (3-D) / BOFT (4-D): idem
+    (".rescale", "rescale", ""),            # OFT/BOFT rescale (ComfyUI applies BOFT's, not OFT's)
 )
 
 # markers of adapter types that are not plain LoRA: (substring or suffix test, description)
@@ -104,14 +104,13 @@ def group_keys(keys: Iterable[str], file: Optional[str], allow_dora: bool = Fals
     keys = list(keys)
     for key in keys:
         what = classify_unsupported(key)
-        with_base = key.endswith((".dora_scale", ".oft_blocks")) or peft_adapters.readable_with_base(key)
+        with_base = key.endswith(lycoris_base.NEEDS_BASE) or peft_adapters.readable_with_base(key)
         if what and allow_dora and with_base:
             what = None
         if what:
-            hint = f"; {peft_adapters.BASE_HINT}" if with_base else ""
-            raise UnsupportedFormatError(
-                f"format found: {what}; only plain LoRA/LoCon factors can be merged{hint} "
-                f"(first offending key {key!r})", file=file, key=key)
+            why = peft_adapters.BASE_HINT if with_base else "only plain LoRA/LoCon factors can be merged"
+            raise UnsupportedFormatError(f"format found: {what}; {why} (first offending key {key!r})",
+                                         file=file, key=key)
     for key in keys:
         parsed = split_key(key)
         if parsed is None:
@@ -138,11 +137,11 @@ def group_keys(keys: Iterable[str], file: Optional[str], allow_dora: bool = Fals
         g.keys[role] = key
     for g in groups.values():
         if g.family in lycoris.FAMILIES:
-            if "dora_scale" in g.keys:
-                raise UnsupportedFormatError(f"format found: DoRA on {lycoris.NAMES[g.family]}; only LoRA/LoCon "
-                                             f"DoRA is read (with a base)", file=file, key=g.keys["dora_scale"])
-            lycoris.check_roles(g.name, g.family, {r: k for r, k in g.keys.items() if r not in ("alpha", "rescale")},
-                                file)
+            if "dora_scale" in g.keys and g.family == "diff":     # ComfyUI ignores it on a .diff patch
+                raise UnsupportedFormatError(f"format found: DoRA on a {lycoris.NAMES[g.family]}", file=file,
+                                             key=g.keys["dora_scale"])
+            lycoris.check_roles(g.name, g.family,
+                                {r: k for r, k in g.keys.items() if r not in ("alpha", "rescale", "dora_scale")}, file)
             continue
         if g.family in peft_adapters.FAMILIES:
             peft_adapters.check_roles(g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"}, file)

@@ -35,15 +35,17 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Tuple
 
 from ..errors import LoraFormatError
+from . import lycoris_base
 
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 # (suffix, role, family) entries for keys.SUFFIXES
 SUFFIXES = (tuple(("." + r, r, "loha") for r in LOHA_ROLES) + tuple(("." + r, r, "lokr") for r in LOKR_ROLES)
-            + ((".diff", "diff", "diff"),))
-FAMILIES = ("loha", "lokr", "diff", "oft")
+            + ((".diff", "diff", "diff"),) + lycoris_base.SUFFIXES)
+# OFT / BOFT / GLoRA depend on the base weight: formats/lycoris_base.py
+FAMILIES = ("loha", "lokr", "diff") + lycoris_base.FAMILIES
 NAMES = {"loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "diff": "full weight difference (.diff)",
-         "oft": "LyCORIS OFT"}
+         **lycoris_base.NAMES}
 
 _CONV3_TAILS = (".conv1", ".conv2", ".conv_in", ".conv_out", ".conv")
 
@@ -58,7 +60,11 @@ def check_roles(name: str, family: str, roles: Dict[str, str], file: Optional[st
             raise LoraFormatError(f"{what} module {name!r} has no {role} tensor (expected {name}.{role})",
                                   file=file, key=any_key)
 
-    if family in ("diff", "oft"):
+    if family in ("diff", "oft", "boft"):
+        return
+    if family == "glora":
+        for r in lycoris_base.GLORA_ROLES:
+            need(r)
         return
     if family == "loha":
         for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
@@ -129,11 +135,6 @@ def geometry(src, name: str, family: str, roles: Dict[str, str]):
                                   file=src.label, key=k)
         m, n = s[0], _flat(s)
         return m, n, min(m, n), (s[2:] if len(s) == 4 else None), None
-    if family == "oft":           # rows only; the columns come from the base weight (plan.py)
-        bs = sh("oft_blocks", (3,))
-        if bs[1] != bs[2]:
-            raise sh.bad(f"oft_blocks of shape {list(bs)} are not square blocks", "oft_blocks")
-        return bs[0] * bs[1], None, None, None, None
     if family == "loha":
         kernel = None
         ranks, outs, ins = [], [], []
@@ -254,7 +255,8 @@ def _capped_dense(w):
 
 def oft_update(blocks, W, alpha: Optional[float]):
     """ComfyUI's OFT at strength 1: R_k = (I + Q_k)(I − Q_k)⁻¹ with Q = B − Bᵀ (scaled to ‖Q‖ ≤ alpha
-    when alpha > 0), ΔW = blockdiag(R_kᵀ − I) · W (rows in blocks of the block size)."""
+    when alpha > 0), ΔW = blockdiag(R_kᵀ − I) · W (rows in blocks of the block size). An OFT ``.rescale``
+    is not applied: ComfyUI 0.3.75 loads it but never uses it (its BOFT does apply one)."""
     import torch
     k, b, _ = blocks.shape
     q = blocks.to(torch.float64)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import LoraFormatError, UnsupportedFormatError
-from . import lycoris, peft_adapters
+from . import lycoris, lycoris_base, peft_adapters
 from .canonical import PIPELINE_COMPONENTS
 from .dtypes import FLOAT_CODES
 from .keys import ModuleKeys, group_keys
@@ -428,8 +428,34 @@ class ModulePlan:
     rows: Optional[Tuple[int, int]]       # up-row range (a split of a fused module) or None
     dtype: str                            # safetensors dtype name of the factors
     lora_scale: Optional[float] = None    # DoRA: the LoRA's own scale (``scale`` is then 1: dense ΔW)
-    oft_alpha: Optional[float] = None     # OFT (dense ΔW from the base weight): its constraint alpha (0: none)
+    oft_alpha: Optional[float] = None     # OFT/BOFT (dense ΔW from the base weight): constraint alpha (0: none)
     peft: Optional[peft_adapters.PeftSpec] = None   # PEFT DoRA / OFT / BOFT (dense ΔW from the base weight)
+
+
+def _base_weight_shape(src: TensorSource, g: ModuleKeys, mapped: Mapped, base_shape, what: str,
+                       key: str) -> Tuple[int, ...]:
+    """The shape of the base weight a base-dependent module (OFT/BOFT/GLoRA, PEFT OFT/BOFT) patches,
+    from the base's header when ``base_shape`` reads one: a clear error naming the file and key otherwise."""
+    if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
+        raise UnsupportedFormatError(f"{what} on a fused module (split into several) is not supported",
+                                     file=src.label, key=key)
+    shape = base_shape(mapped.targets[0][0], g.name) if base_shape else None
+    if shape is None:
+        raise LoraFormatError(f"{what} module: its base weight was not found in the given base model",
+                              file=src.label, key=key)
+    shape = tuple(int(x) for x in shape)
+    if len(shape) not in (2, 4):
+        raise LoraFormatError(f"{what} module: the base weight has shape {list(shape)}, not a linear or conv "
+                              f"weight", file=src.label, key=key)
+    return shape
+
+
+def _base_geometry(src: TensorSource, g: ModuleKeys, mapped: Mapped, base_shape) -> "lycoris_base.BaseGeometry":
+    """An OFT / BOFT / GLoRA module checked against its base weight's shape."""
+    key = g.keys.get("oft_blocks") or g.keys["a1"]
+    shape = _base_weight_shape(src, g, mapped, base_shape, lycoris.NAMES[g.family], key)
+    scalar = src.scalar or (lambda k: float(src.get(k).reshape(()).double()))
+    return lycoris_base.geometry(src, g, shape, scalar)
 
 
 @dataclass
@@ -463,21 +489,17 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
     bases: Counter = Counter()
     dtypes: Counter = Counter()
     for g in groups:
+        lycoris_base.refine_family(src, g)
         lyco = g.family in lycoris.FAMILIES
         rot_fam = g.family in peft_adapters.FAMILIES
+        based = g.family in lycoris_base.FAMILIES      # OFT / BOFT / GLoRA: geometry from the base weight
         peft_spec = None
         if rot_fam:           # PEFT OFT / BOFT: the geometry is the base weight's
             for k in g.keys.values():
                 _check_float(src, k)
             mapped = map_name(g.name, "ab", 0)
-            k0 = next(iter(g.keys.values()))
-            if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
-                raise UnsupportedFormatError(f"{peft_adapters.NAMES[g.family]} on a fused module (split into "
-                                             f"several) is not supported", file=src.label, key=k0)
-            shape = base_shape(mapped.targets[0][0], g.name) if base_shape else None
-            if shape is None:
-                raise LoraFormatError(f"{peft_adapters.NAMES[g.family]} module: its base weight was not found in "
-                                      f"the given base model", file=src.label, key=k0)
+            shape = _base_weight_shape(src, g, mapped, base_shape, peft_adapters.NAMES[g.family],
+                                       next(iter(g.keys.values())))
             comp = mapped.targets[0][0].split(".", 1)[0]
             rot = rotations.get(comp) or rotations.get("")
             out_f, in_f, rank, kernel = peft_adapters.rotation_geometry(src, g, shape, rot)
@@ -486,38 +508,20 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             for k in g.keys.values():
                 if k != g.keys.get("alpha"):
                     _check_float(src, k)
-            out_f, in_f, rank, kernel, divisor = lycoris.geometry(
-                src, g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"})
+            if based:
+                out_f, in_f, rank, kernel, divisor = lycoris_base.rows(src, g), None, None, None, None
+            else:
+                out_f, in_f, rank, kernel, divisor = lycoris.geometry(
+                    src, g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"})
         else:
             out_f, in_f, rank, kernel = _module_geometry(src, g)
         if not rot_fam:
             mapped = map_name(g.name, "down_up" if lyco else g.family, out_f)
         oft_alpha = None
-        if g.family == "oft":         # the base weight gives the columns; dense ΔW, exact at rank min(m, n)
-            bk = g.keys["oft_blocks"]
-            if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
-                raise UnsupportedFormatError("OFT on a fused module (split into several) is not supported",
-                                             file=src.label, key=bk)
-            shape = base_shape(mapped.targets[0][0], g.name) if base_shape else None
-            if shape is None:
-                raise LoraFormatError("OFT module: its base weight was not found in the given base model",
-                                      file=src.label, key=bk)
-            shape = tuple(int(x) for x in shape)
-            if shape[0] != out_f or len(shape) not in (2, 4):
-                raise LoraFormatError(f"OFT blocks cover {out_f} rows, the base weight has shape {list(shape)}",
-                                      file=src.label, key=bk)
-            in_f = 1
-            for x in shape[1:]:
-                in_f *= x
-            kernel = shape[2:] if len(shape) == 4 else None
-            rank = min(out_f, in_f)
-            oft_alpha = 0.0               # OFT's alpha is a norm constraint; 0 (common) means none
-            if "alpha" in g.keys:
-                ak = g.keys["alpha"]
-                oft_alpha = float(src.scalar(ak)) if src.scalar else float(src.get(ak).reshape(()).double())
-                if not math.isfinite(oft_alpha):
-                    raise LoraFormatError(f"alpha is {oft_alpha} (not finite)", file=src.label, key=ak)
-            divisor = None
+        if based:                     # dense ΔW (OFT/BOFT) or exact factors (GLoRA) from the base weight
+            bg = _base_geometry(src, g, mapped, base_shape)
+            out_f, in_f, kernel, rank = bg.out_features, bg.in_features, bg.kernel, bg.rank
+            divisor, oft_alpha = bg.divisor, bg.constraint
         elif lyco and kernel is None:
             kernel = lycoris.conv_kernel_hint(mapped.targets[0][0], in_f)
         formats[mapped.format] += 1
@@ -566,7 +570,10 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
                 raise UnsupportedFormatError("DoRA on a fused module (split into several) is not supported",
                                              file=src.label, key=g.keys["dora_scale"])
-            lora_scale, scale, rank = scale, 1.0, min(out_f, in_f)
+            # ComfyUI's weight_decompose multiplies the adapter's update by the alpha it is given: the
+            # scale for LoRA/LoHa/LoKr/GLoRA, but OFT/BOFT pass their norm constraint (OFT: 0 if none)
+            lora_scale = oft_alpha if g.family in ("oft", "boft") else scale
+            scale, rank = 1.0, min(out_f, in_f)
         for key, rows in mapped.targets:
             if key in modules:
                 raise LoraFormatError(f"two entries map to the same module {key!r}", file=src.label,

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import LoraFormatError
 from ..lora import Lora, LoraModule
-from . import lycoris
+from . import lycoris, lycoris_base
 from .dtypes import torch_dtype
 from .keys import ModuleKeys
 from .plan import ModulePlan, PeftScale, TensorSource, plan_modules, read_adapter_config  # noqa: F401
@@ -62,7 +62,7 @@ BaseFn = Callable[[str, str], Optional[torch.Tensor]]
 
 
 def _base_weight(base: BaseFn, p: ModulePlan, src: TensorSource, key: str, kind: str) -> torch.Tensor:
-    """The base weight a DoRA / OFT module needs, or a clear error naming the file and key."""
+    """The base weight a DoRA / OFT / BOFT / GLoRA module needs, or a clear error naming the file and key."""
     w = base(p.key, p.group.name)
     if w is None:
         raise LoraFormatError(f"{kind} module: its base weight was not found in the given base model",
@@ -70,23 +70,48 @@ def _base_weight(base: BaseFn, p: ModulePlan, src: TensorSource, key: str, kind:
     return w
 
 
+def _weight_shape(p: ModulePlan) -> Tuple[int, ...]:
+    if p.kernel_size:
+        return (p.out_features, p.in_features // math.prod(p.kernel_size), *p.kernel_size)
+    return (p.out_features, p.in_features)
+
+
+def _update_fn(src: TensorSource, p: ModulePlan):
+    """``fn(W) -> (up, down)``: the module's own update before any alpha — what ComfyUI's adapters
+    call ``lora_diff`` — given the base weight W (ignored by LoRA/LoHa/LoKr)."""
+    g = p.group
+    if g.family in lycoris_base.FAMILIES:
+        roles = {r: k for r, k in g.keys.items() if r not in ("alpha", "dora_scale")}
+        get = lambda role: _finite(src.get(roles[role]), src, roles[role])  # noqa: E731
+        return lambda W: lycoris_base.update(get, g.family, roles, W, p.oft_alpha)
+    plain = _loader(src, g, p.out_features, None)
+    return lambda W: plain()
+
+
+def _shaped_base(base: BaseFn, p: ModulePlan, src: TensorSource, key: str, kind: str) -> torch.Tensor:
+    w = _base_weight(base, p, src, key, kind)
+    shape = _weight_shape(p)
+    if w.numel() != math.prod(shape):
+        raise LoraFormatError(f"{kind} module: base weight has shape {list(w.shape)}, the LoRA patches "
+                              f"{list(shape)}", file=src.label, key=key)
+    return w.reshape(shape)
+
+
 def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
-    """DoRA as ComfyUI applies it (``weight_decompose``): W' = (W + s·BA) · m / ‖W + s·BA‖ (per input
-    column; per output row with ``‖W‖`` when ``dora_scale`` has one value per output), ΔW = W' − W —
-    dense, from the base weight, written exactly as (ΔW, I) / (I, ΔW)."""
-    plain = _loader(src, p.group, p.out_features, None)
+    """DoRA as ComfyUI applies it (``weight_decompose``) on any adapter's update D(W) (LoRA, LoHa,
+    LoKr, GLoRA, OFT, BOFT): with a = ``p.lora_scale`` (the alpha ComfyUI passes: the adapter's scale, or
+    OFT/BOFT's constraint), W' = (W + a·D) · m / ‖W + a·D‖ (per input column; per output row with ‖W‖
+    when ``dora_scale`` has one value per output), ΔW = W' − W — dense, from the base weight, written
+    exactly as (ΔW, I) / (I, ΔW)."""
+    update = _update_fn(src, p)
     dk = p.group.keys["dora_scale"]
 
     def load():
-        w = _base_weight(base, p, src, dk, "DoRA")
-        shape = (p.out_features, *( (p.in_features // (p.kernel_size[0] * p.kernel_size[1]), *p.kernel_size)
-                                    if p.kernel_size else (p.in_features,)))
-        if w.numel() != p.out_features * p.in_features:
-            raise LoraFormatError(f"DoRA module: base weight has shape {list(w.shape)}, the LoRA patches "
-                                  f"{list(shape)}", file=src.label, key=dk)
+        w = _shaped_base(base, p, src, dk, "DoRA")
+        shape = tuple(w.shape)
         eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0
-        W = w.to(torch.float64).reshape(shape)
-        up, down = plain()
+        W = w.to(torch.float64)
+        up, down = update(w)
         diff = ((up.to(torch.float64) @ down.to(torch.float64)) * p.lora_scale).reshape(shape)
         mag = _finite(src.get(dk), src, dk).to(torch.float64)
         calc = W + diff
@@ -104,13 +129,14 @@ def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
     return load
 
 
-def _oft_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
-    bk = p.group.keys["oft_blocks"]
+def _base_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
+    """OFT / BOFT / GLoRA without DoRA: the update against the base weight (exact factors)."""
+    update = _update_fn(src, p)
+    kind = lycoris.NAMES[p.group.family]
+    key = p.group.keys.get("oft_blocks") or p.group.keys["a1"]
 
     def load():
-        w = _base_weight(base, p, src, bk, "OFT")
-        blocks = _finite(src.get(bk), src, bk)
-        return lycoris._capped_dense(lycoris.oft_update(blocks, w, p.oft_alpha))
+        return update(_shaped_base(base, p, src, key, kind))
 
     return load
 
@@ -118,8 +144,8 @@ def _oft_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
 def build_lora(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, *,
                adapter_config: Optional[Mapping[str, Any]] = None, base: Optional[BaseFn] = None) -> Lora:
     """``base(canonical key, module name in the file) -> weight tensor or None``: the base model's
-    weights, needed by (and only read for) DoRA / OFT modules (kohya, LyCORIS, PEFT DoRA/OFT/BOFT);
-    without it those files are refused."""
+    weights, needed by (and only read for) modules whose update depends on them: DoRA (kohya, LyCORIS,
+    PEFT), LyCORIS OFT / BOFT / GLoRA, PEFT OFT / BOFT; without it those files are refused."""
     base_shape = None
     if base is not None:
         base_shape = getattr(base, "shape", None)
@@ -136,8 +162,8 @@ def build_lora(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, 
             loader = make_loader(src, p, base)
         elif p.lora_scale is not None:
             loader = _dora_loader(src, p, base)
-        elif p.oft_alpha is not None:
-            loader = _oft_loader(src, p, base)
+        elif p.group.family in lycoris_base.FAMILIES:
+            loader = _base_loader(src, p, base)
         else:
             loader = _loader(src, p.group, p.out_features, p.rows)
         modules[key] = LoraModule(key=key, kind=p.kind, out_features=p.out_features, in_features=p.in_features,
