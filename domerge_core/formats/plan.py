@@ -468,7 +468,7 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
                 src, g.name, g.family, {r: k for r, k in g.keys.items() if r != "alpha"})
         else:
             out_f, in_f, rank, kernel = _module_geometry(src, g)
-        mapped: Mapped = map_name(g.name, "down_up" if lyco else g.family, out_f)
+        mapped: Mapped = map_name(g.name, "down_up" if lyco else g.family, out_f, in_f)
         oft_alpha = None
         if g.family == "oft":         # the base weight gives the columns; dense ΔW, exact at rank min(m, n)
             bk = g.keys["oft_blocks"]
@@ -520,12 +520,11 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
         dtypes[dt] += 1
         lora_scale = None
         if "dora_scale" in g.keys:          # dense update from the base weight, exact at rank min(m, n)
-            _check_float(src, g.keys["dora_scale"])
-            if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
-                raise UnsupportedFormatError("DoRA on a fused module (split into several) is not supported",
-                                             file=src.label, key=g.keys["dora_scale"])
+            _check_float(src, g.keys["dora_scale"])     # a fused module: decomposed whole, then split by rows
             lora_scale, scale, rank = scale, 1.0, min(out_f, in_f)
         for key, rows in mapped.targets:
+            if lora_scale is not None and rows is not None:
+                rank = min(rows[1] - rows[0], in_f)
             if key in modules:
                 raise LoraFormatError(f"two entries map to the same module {key!r}", file=src.label,
                                       key=g.keys["down"])

@@ -70,18 +70,40 @@ def _base_weight(base: BaseFn, p: ModulePlan, src: TensorSource, key: str, kind:
     return w
 
 
-def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
+def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn, parts: Optional[list] = None,
+                 shared: Optional["_DoraShared"] = None):
     """DoRA as ComfyUI applies it (``weight_decompose``): W' = (W + s·BA) · m / ‖W + s·BA‖ (per input
     column; per output row with ``‖W‖`` when ``dora_scale`` has one value per output), ΔW = W' − W —
-    dense, from the base weight, written exactly as (ΔW, I) / (I, ΔW)."""
-    plain = _loader(src, p.group, p.out_features, None)
+    dense, from the base weight, written exactly as (ΔW, I) / (I, ΔW).
+
+    A fused module split into several (``parts``: the ModulePlans of its row ranges, in order; kohya
+    Flux ``img_attn_qkv``, SD3 ``attn.qkv``) is decomposed whole, as ComfyUI does on the fused weight:
+    W is the parts' base rows stacked, and each part takes its rows of the one ΔW (computed once)."""
+    fused_out = parts[-1].rows[1] if parts else p.out_features
+    plain = _loader(src, p.group, fused_out, None)
     dk = p.group.keys["dora_scale"]
 
     def load():
-        w = _base_weight(base, p, src, dk, "DoRA")
-        shape = (p.out_features, *( (p.in_features // (p.kernel_size[0] * p.kernel_size[1]), *p.kernel_size)
-                                    if p.kernel_size else (p.in_features,)))
-        if w.numel() != p.out_features * p.in_features:
+        if parts:
+            dW = shared.take()
+            if dW is None:
+                dW = shared.put(whole())
+            return lycoris._capped_dense(dW[p.rows[0]:p.rows[1]])
+        return lycoris._capped_dense(whole())
+
+    def whole():
+        if parts:
+            ws = [_base_weight(base, q, src, dk, "DoRA") for q in parts]
+            for q, w in zip(parts, ws):
+                if w.numel() != q.out_features * q.in_features:
+                    raise LoraFormatError(f"DoRA module: base weight of {q.key} has shape {list(w.shape)}, the "
+                                          f"LoRA patches {[q.out_features, q.in_features]}", file=src.label, key=dk)
+            w = torch.cat([x.reshape(x.shape[0], -1) for x in ws])
+        else:
+            w = _base_weight(base, p, src, dk, "DoRA")
+        shape = (fused_out, *( (p.in_features // (p.kernel_size[0] * p.kernel_size[1]), *p.kernel_size)
+                               if p.kernel_size else (p.in_features,)))
+        if w.numel() != fused_out * p.in_features:
             raise LoraFormatError(f"DoRA module: base weight has shape {list(w.shape)}, the LoRA patches "
                                   f"{list(shape)}", file=src.label, key=dk)
         eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0
@@ -99,9 +121,30 @@ def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
             raise LoraFormatError(f"dora_scale has shape {list(mag.shape)}, expected {list(norm.shape)}",
                                   file=src.label, key=dk)
         dW = calc * (mag.reshape(norm.shape) / (norm + eps)) - W
-        return lycoris._capped_dense(dW.reshape(shape[0], -1))
+        return dW.reshape(shape[0], -1)
 
     return load
+
+
+class _DoraShared:
+    """The fused ΔW of a split DoRA module, kept until each of its ``n`` parts has taken its rows."""
+
+    def __init__(self, n: int):
+        self.n, self.left, self.dW = n, 0, None
+
+    def take(self):
+        dW = self.dW
+        if dW is not None:
+            self.left -= 1
+            if self.left <= 0:
+                self.dW = None
+        return dW
+
+    def put(self, dW):
+        self.dW, self.left = dW, self.n - 1
+        if self.left <= 0:
+            self.dW = None
+        return dW
 
 
 def _oft_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
@@ -129,9 +172,15 @@ def build_lora(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, 
     plan = plan_modules(src, metadata, adapter_config=adapter_config, allow_dora=base is not None,
                         base_shape=base_shape)
     modules = {}
+    fused: dict = {}          # a split DoRA module's parts share one decomposition of the fused weight
+    for p in plan.modules.values():
+        if p.lora_scale is not None and p.rows is not None:
+            fused.setdefault(p.group.name, []).append(p)
+    shared = {name: _DoraShared(len(ps)) for name, ps in fused.items()}
     for key, p in plan.modules.items():
         if p.lora_scale is not None:
-            loader = _dora_loader(src, p, base)
+            parts = sorted(fused[p.group.name], key=lambda q: q.rows) if p.rows is not None else None
+            loader = _dora_loader(src, p, base, parts, shared.get(p.group.name))
         elif p.oft_alpha is not None:
             loader = _oft_loader(src, p, base)
         else:
