@@ -171,3 +171,58 @@ def test_fused_dora_with_a_missing_base_part_names_file_and_key(tmp_path):
         lora["transformer.transformer_blocks.0.attn.to_k"].factors()
     assert e.value.key == f"{name}.dora_scale" and "base weight" in str(e.value)
     assert "dora.safetensors" in str(e.value)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_fused_dora_against_the_connected_model_in_comfyui(family):
+    """The ComfyUI node's base lookup (its key maps over a connected MODEL): each part of a fused DoRA
+    module is found by its canonical key (ComfyUI's diffusers slice of the fused weight); the stacked
+    parts' ΔW = ComfyUI's weight_decompose on the model's fused weight."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from domerge_nodes import comfy_glue
+
+    if family == "flux":
+        cfg = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
+                   hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
+                   theta=10000, qkv_bias=True, guidance_embed=True, patch_size=2)
+        import dataclasses
+
+        import comfy.ldm.flux.model
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+            cfg["txt_ids_dims"] = []
+        model = comfy.supported_models.Flux(cfg).get_model({}, "", device="cpu")
+        names = {"lora_unet_double_blocks_0_img_attn_qkv": "diffusion_model.double_blocks.0.img_attn.qkv.weight",
+                 "lora_unet_single_blocks_0_linear1": "diffusion_model.single_blocks.0.linear1.weight"}
+    else:
+        from test_formats_sd3 import SD3_CFG
+        model = comfy.supported_models.SD3(dict(SD3_CFG)).get_model({}, "", device="cpu")
+        names = {"lora_unet_joint_blocks_1_context_block_attn_qkv":
+                 "diffusion_model.joint_blocks.1.context_block.attn.qkv.weight",
+                 "lora_unet_joint_blocks_0_x_block_attn2_qkv": "diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight"}
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    sd, want = {}, {}
+    sdm = model.state_dict()
+    for name, wkey in names.items():
+        W = sdm[wkey].detach().float()
+        sd.update(_dora(name, *W.shape))
+        want[name] = _comfy(sd, name, W, strength=1.0)
+    lora = load_lora_sd(sd, base=comfy_glue.base_weight_fn(model=patcher))
+    errs = {}
+    for name in names:
+        parts = [m for m in lora if m.source_name == name]
+        assert len(parts) in (3, 4)
+        errs[name] = rel(torch.cat([m.delta(torch.float64) for m in parts]), want[name])
+    assert max(errs.values()) < 1e-5, errs
+
+
+def load_lora_sd(sd, base):
+    from domerge_core import load_state_dict
+    return load_state_dict(sd, source="fused_dora", base=base)

@@ -273,3 +273,26 @@ def test_sd3_diffusers_output_loads_into_diffusers_sd3_transformer(tmp_path):
         want = src["transformer." + n].delta(torch.float64)
         worst = max(worst, _rel(m.get_delta_weight("x").detach().double(), want))
     assert worst < 1e-5, worst
+
+
+def test_key_aligner_of_the_merge_node_keeps_split_qkv_parts_apart(sd3, tmp_path):
+    """With a MODEL connected, the merge node renames modules by the weight ComfyUI's key map patches:
+    the q/k/v parts of one fused qkv are three slices (found by their canonical keys), not one weight
+    three times; a diffusers SD3 LoRA's to_q lands on the same key as the native file's q part."""
+    import comfy.model_patcher
+
+    from domerge_nodes import comfy_glue
+
+    model = comfy.supported_models.SD3(dict(SD3_CFG)).get_model({}, "", device="meta")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    _, shapes, d2c = sd3
+    mods_n, fam_n = _modules("kohya", shapes, d2c)
+    mods_d, fam_d = _modules("diffusers", shapes, d2c)
+    native = domerge_core.load_lora(str(_file(tmp_path / "n.safetensors", mods_n, fam_n)))
+    diff = domerge_core.load_lora(str(_file(tmp_path / "d.safetensors", mods_d, fam_d)))
+    aligner = comfy_glue.KeyAligner(patcher, None)
+    a, b = aligner.align(native), aligner.align(diff)
+    assert len(a) == len(native) and len(b) == len(diff) and not aligner.unmatched
+    assert "transformer.transformer_blocks.0.attn.to_k" in set(a.modules) & set(b.modules)
+    assert len(set(a.modules) & set(b.modules)) == len(b) - 2

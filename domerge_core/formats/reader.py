@@ -62,8 +62,9 @@ BaseFn = Callable[[str, str], Optional[torch.Tensor]]
 
 
 def _base_weight(base: BaseFn, p: ModulePlan, src: TensorSource, key: str, kind: str) -> torch.Tensor:
-    """The base weight a DoRA / OFT module needs, or a clear error naming the file and key."""
-    w = base(p.key, p.group.name)
+    """The base weight a DoRA / OFT module needs, or a clear error naming the file and key. A part of a
+    fused module is asked for by its canonical key alone (the file's name is the whole fused module)."""
+    w = base(p.key, p.group.name if p.rows is None else p.key)
     if w is None:
         raise LoraFormatError(f"{kind} module: its base weight was not found in the given base model",
                               file=src.label, key=key)
