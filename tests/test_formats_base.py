@@ -142,7 +142,9 @@ def test_sd3_native_checkpoint_feeds_fused_dora(tmp_path):
     h = 64
     pre = "model.diffusion_model.joint_blocks.0."
     ck = {pre + "x_block.attn.qkv.weight": _g(3 * h, h), pre + "context_block.mlp.fc1.weight": _g(4 * h, h),
-          pre + "context_block.attn.qkv.weight": _g(3 * h, h)}
+          pre + "context_block.attn.qkv.weight": _g(3 * h, h),
+          "text_encoders.clip_g.transformer.text_model.encoder.layers.2.mlp.fc1.weight": _g(8, 4),
+          "text_encoders.clip_l.transformer.text_model.encoder.layers.2.self_attn.q_proj.weight": _g(4, 4)}
     save_file(ck, str(tmp_path / "ckpt.safetensors"))
     sd = {}
     sd.update(_dora("lora_unet_joint_blocks_0_x_block_attn_qkv", 3 * h, h))
@@ -156,6 +158,8 @@ def test_sd3_native_checkpoint_feeds_fused_dora(tmp_path):
     assert max(e1, e2) < 1e-5, (e1, e2)
     fn = base_weights(str(tmp_path / "ckpt.safetensors"))
     assert torch.equal(fn(b + "attn.add_v_proj"), ck[pre + "context_block.attn.qkv.weight"][2 * h:])
+    assert fn.shape("text_encoder_2.text_model.encoder.layers.2.mlp.fc1") == (8, 4)      # SD3 single file's CLIP-G
+    assert fn.shape("text_encoder.text_model.encoder.layers.2.self_attn.q_proj") == (4, 4)
 
 
 def test_fused_dora_with_a_missing_base_part_names_file_and_key(tmp_path):
