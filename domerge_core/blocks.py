@@ -26,13 +26,17 @@ SDXL    12      BASE, IN04 IN05 IN07 IN08, MID, OUT00–OUT05
 SDXL    20      BASE, IN00–IN08, MID, OUT00–OUT08
 SDXL    21      BASE, IN01–IN08, M00 M01 M02, OUT00–OUT08 (Inspire pack ``SDXL-LyC-*``)
 Flux    58      BASE, D00–D18 (double blocks), S00–S37 (single blocks)
-Flux    20      BASE, D00–D18 (single blocks keep 1)
+Flux    20      BASE, D00–D18; the single blocks take the last value
+Flux    18      BASE, D00–D16; D17, D18 and the single blocks take the last value
 ======  ======  ===========================================================================
 
 The 17 / 12 / 27 / 21 layouts are the positions the Inspire pack's loader assigns for a LoRA that
 trains the usual set of blocks (it numbers the blocks present in the file); the presets below are
-its named presets with the same values. (Its ``FLUX-DBL-*`` presets have 18 entries, which fits
-no Flux layout of 19 double blocks; use a 20- or 58-entry vector for Flux.)
+its named presets with the same values. Flux follows the Inspire loader's positional rule on a LoRA
+over all 19 double and 38 single blocks: one value per block, double blocks first, and blocks past
+the end of the vector keep its last value ("use last used ratio"), which is how its 18-value
+``FLUX-DBL-FRONT/MID/TAIL`` presets reach D17, D18 and the single blocks. (Its ``SD-ROUT``/``SD-AOUT``/
+``SD-AB`` presets use the loader's random / A / B letters, which have no meaning here.)
 """
 from __future__ import annotations
 
@@ -62,8 +66,11 @@ LAYOUTS: Dict[str, Dict[int, List[str]]] = {
     "flux": {
         58: ["BASE"] + _r("D", 0, 18) + _r("S", 0, 37),
         20: ["BASE"] + _r("D", 0, 18),
+        18: ["BASE"] + _r("D", 0, 16),
     },
 }
+# families whose shorter vectors run on positionally: the blocks after the vector's end take its last value
+CONTINUES = {"flux": LAYOUTS["flux"][58]}
 FAMILY_OF = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "flux": "flux"}
 
 PRESETS: Dict[str, str] = {
@@ -98,6 +105,10 @@ PRESETS: Dict[str, str] = {
     "FLUX-ALL": ",".join(["1"] * 58),
     "FLUX-DOUBLE": ",".join(["1"] * 20 + ["0"] * 38),
     "FLUX-SINGLE": ",".join(["1"] + ["0"] * 19 + ["1"] * 38),
+    # the Inspire pack's resources/lbw-preset.txt, verbatim (18 values: BASE, D00-D16, then the last value)
+    "FLUX-DBL-FRONT": "1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0",
+    "FLUX-DBL-MID": "0,0,0,0,0,0,1,1,1,1,1,1,0,0,0,0,0,0",
+    "FLUX-DBL-TAIL": "0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1",
 }
 
 _UNET = re.compile(r"^unet\.(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
@@ -149,6 +160,10 @@ def parse_vector(spec: str) -> List[float]:
 
 
 def layout_for(n: int, base_model: Optional[str]) -> List[str]:
+    return _layout(n, base_model)[1]
+
+
+def _layout(n: int, base_model: Optional[str]):
     fam = FAMILY_OF.get(base_model or "")
     cands = [(f, LAYOUTS[f][n]) for f in ([fam] if fam else list(LAYOUTS)) if n in LAYOUTS[f]]
     if len(cands) != 1:
@@ -156,17 +171,19 @@ def layout_for(n: int, base_model: Optional[str]) -> List[str]:
         why = "fits more than one model family" if cands else "fits no layout"
         raise InvalidParameterError(f"a block-weight vector of {n} values {why} "
                                     f"(base model {base_model or 'unknown'}; lengths per family: {lens})")
-    return cands[0][1]
+    return cands[0]
 
 
 def block_multiplier(spec, base_model: Optional[str] = None) -> Callable[[str], float]:
     """key -> factor for one input, from a vector (string or floats) and the input's base model."""
     vec = parse_vector(spec) if isinstance(spec, str) else [float(x) for x in spec]
-    labels = layout_for(len(vec), base_model)
+    family, labels = _layout(len(vec), base_model)
     table: Dict[str, float] = {}
     for label, v in zip(labels, vec):
         for b in (MID if label == "MID" else (label,)):
             table[b] = v
+    for label in CONTINUES.get(family, [])[len(labels):]:
+        table[label] = vec[-1]
 
     def factor(key: str) -> float:
         return table.get(block_of(key), 1.0)

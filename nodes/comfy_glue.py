@@ -142,11 +142,15 @@ def base_weight_fn(model=None, clip=None):
 
 def _candidates(m: domerge_core.LoraModule) -> Iterable[str]:
     """Names under which ComfyUI's key map may know a module: as written in its file, its
-    canonical key, and the kohya spelling of a canonical diffusers UNet path."""
+    canonical key, and the kohya spelling of a canonical diffusers UNet path. A DiT module's canonical
+    key comes first: the q/k/v parts of a fused qkv / ``linear1`` share the file's name (the whole
+    fused weight) but each has its own slice under its diffusers name."""
+    comp, _, path = m.key.partition(".")
+    if comp == "transformer":
+        yield m.key
     if m.source_name:
         yield m.source_name
     yield m.key
-    comp, _, path = m.key.partition(".")
     if comp == "unet":
         yield "lora_unet_" + path.replace(".", "_")
     if comp == "diffusion_model":

@@ -265,3 +265,54 @@ def test_panel_block_weights_reach_merge_kwargs(tmp_path):
     assert p.is_stale
     p.rows[0].blocks.value = "1,2"                     # fits no layout: the panel says so, no exception
     assert p.is_stale
+
+
+# The Inspire pack's resources/lbw-preset.txt (ltdrdata/ComfyUI-Inspire-Pack), its Flux lines verbatim.
+INSPIRE_FLUX_PRESETS = """\
+FLUX-DBL-FRONT:1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0
+FLUX-DBL-MID:0,0,0,0,0,0,1,1,1,1,1,1,0,0,0,0,0,0
+FLUX-DBL-TAIL:0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1
+"""
+
+
+def _inspire_lbw(vector, blocks):
+    """The Inspire loader's positional rule (LoraLoaderBlockWeight.load_lbw) for plain numbers: entry 0
+    is every key outside the blocks; each next block present (double blocks by number, then single
+    blocks) takes the next entry, and once the vector is used up the last ratio carries on."""
+    out, i, ratio, last = {}, 1, 1.0, None
+    for kind, n in blocks:
+        if n != last and len(vector) > i:
+            ratio = vector[i]
+            i += 1
+        last = n
+        out[(kind, n)] = ratio
+    return out
+
+
+@pytest.mark.parametrize("line", INSPIRE_FLUX_PRESETS.splitlines())
+def test_inspire_flux_presets_weigh_each_block_as_the_inspire_loader_does(line):
+    """A Flux LoRA over all 19 double and 38 single blocks: each preset (and its quoted 18 values)
+    gives every block the factor the Inspire loader's positional rule gives it."""
+    name, values = line.split(":")
+    vec = [float(x) for x in values.split(",")]
+    assert len(vec) == 18 and PRESETS[name] == values
+    blocks = [("D", n) for n in range(19)] + [("S", n) for n in range(38)]
+    want = _inspire_lbw(vec, blocks)
+    for spec in (name, values, vec):
+        f = block_multiplier(spec, "flux")
+        for (kind, n), w in want.items():
+            key = (f"transformer.transformer_blocks.{n}.attn.to_q" if kind == "D"
+                   else f"transformer.single_transformer_blocks.{n}.proj_mlp")
+            assert f(key) == w, (name, kind, n)
+        assert f("transformer.x_embedder") == vec[0]
+    # TAIL reaches D17, D18 and every single block with its last value (1); FRONT/MID leave them at 0
+    assert want[("S", 37)] == (1.0 if name.endswith("TAIL") else 0.0)
+
+
+def test_flux_20_values_carry_the_last_value_to_the_single_blocks_as_inspire_does():
+    vec = [0.5] + [float(i) for i in range(19)]
+    f = block_multiplier(vec, "flux")
+    want = _inspire_lbw(vec, [("D", n) for n in range(19)] + [("S", n) for n in range(38)])
+    assert f("transformer.single_transformer_blocks.5.proj_out") == want[("S", 5)] == 18.0
+    assert f("diffusion_model.double_blocks.18.img_attn.proj") == 18.0
+    assert block_multiplier([1.0] * 18, None)("transformer.single_transformer_blocks.0.proj_out") == 1.0  # Flux only

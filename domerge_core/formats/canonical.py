@@ -8,6 +8,9 @@
   so the rule lives here and ``tests/test_align.py`` checks it agrees with diffusers' converter.
 - kohya/BFL Flux names (fused ``img_attn_qkv``, ``linear1``) map to diffusers' split q/k/v
   (:func:`flux_targets`), like diffusers' ``_convert_kohya_flux_lora_to_diffusers``.
+- SD3/SD3.5 MMDiT names (ComfyUI-native / sd-scripts ``joint_blocks.N.{x_block,context_block}.…``,
+  fused ``attn.qkv``) map to diffusers' ``SD3Transformer2DModel`` paths with the row slices of
+  ComfyUI's ``mmdit_to_diffusers`` (:func:`mmdit_targets`).
 - CLIP paths are accepted with or without ``text_model.``; canonical keys carry it.
 
 (Whether several inputs fit one base model is the engine's rule: `engine.plan.check_compatible`.)
@@ -248,3 +251,64 @@ def flux_kohya_path(flat: str) -> str:
     path = re.sub(r"\.(img_mod|txt_mod)\.lin$", r".\1.lin", path)
     path = re.sub(r"\.modulation\.lin$", ".modulation.lin", path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# SD3 / SD3.5 MMDiT (ComfyUI-native / sd-scripts names, fused qkv) -> diffusers SD3Transformer2DModel
+# ----------------------------------------------------------------------------------------------
+# ComfyUI's MMDIT_MAP_BLOCK / mmdit_to_diffusers, LoRA-able (Linear/Conv) weights only: the qk norms
+# (``attn.ln_q``/``ln_k`` <-> ``attn.norm_q``…) of SD3.5 are RMSNorm scales, never LoRA targets.
+_MMDIT_BLOCK = {
+    "x_block.attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "context_block.attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    "x_block.attn2.qkv": ["attn2.to_q", "attn2.to_k", "attn2.to_v"],          # SD3.5-medium's first blocks
+    "x_block.attn.proj": ["attn.to_out.0"], "context_block.attn.proj": ["attn.to_add_out"],
+    "x_block.attn2.proj": ["attn2.to_out.0"],
+    "x_block.mlp.fc1": ["ff.net.0.proj"], "x_block.mlp.fc2": ["ff.net.2"],
+    "context_block.mlp.fc1": ["ff_context.net.0.proj"], "context_block.mlp.fc2": ["ff_context.net.2"],
+    "x_block.adaLN_modulation.1": ["norm1.linear"],
+    # the last block's context_block is "pre-only" (2 chunks, not 6): ComfyUI maps it to
+    # norm1_context.linear with shift/scale halves swapped, so it keeps its native key (below)
+    "context_block.adaLN_modulation.1": ["norm1_context.linear"],
+}
+_MMDIT_TOP = {
+    "context_embedder": "context_embedder", "x_embedder.proj": "pos_embed.proj",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    # final_layer.adaLN_modulation.1 <-> norm_out.linear has swapped halves too: not mapped
+}
+_MMDIT_RE = re.compile(r"^joint_blocks\.(\d+)\.(.+)$")
+
+
+def is_mmdit_path(path: str) -> bool:
+    """A native SD3 MMDiT module path (``joint_blocks.N.…`` or one of the SD3 embedders)."""
+    return bool(_MMDIT_RE.match(path)) or path in _MMDIT_TOP
+
+
+def mmdit_targets(path: str, out_features: int, in_features: Optional[int] = None
+                  ) -> Optional[List[Tuple[str, int, int]]]:
+    """SD3 MMDiT module path -> [(diffusers key, first row, last row)] of the up factor, as ComfyUI's
+    ``mmdit_to_diffusers`` slices it: fused ``attn.qkv`` is q, k, v of ``hidden`` rows each. None for
+    a path that is not a known MMDiT module, for a qkv whose rows do not split in three, and for the
+    pre-only context ``adaLN_modulation.1`` (out = 2·in; its halves are swapped in diffusers)."""
+    if path in _MMDIT_TOP:
+        return [(f"transformer.{_MMDIT_TOP[path]}", 0, out_features)]
+    m = _MMDIT_RE.match(path)
+    if not m:
+        return None
+    i, sub = m.groups()
+    targets = _MMDIT_BLOCK.get(sub)
+    if targets is None:
+        return None
+    if sub == "context_block.adaLN_modulation.1" and (in_features is None or out_features != 6 * in_features):
+        return None
+    block = f"transformer.transformer_blocks.{i}"
+    if len(targets) == 1:
+        return [(f"{block}.{targets[0]}", 0, out_features)]
+    if out_features % 3:
+        return None
+    h = out_features // 3
+    return [(f"{block}.{t}", j * h, (j + 1) * h) for j, t in enumerate(targets)]

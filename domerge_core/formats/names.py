@@ -24,7 +24,7 @@ DOTTED_COMPONENTS = align.PIPELINE_COMPONENTS
 _UNET_HEADS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.",
                "add_embedding.")
 _DIT_HEADS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder", "context_embedder",
-              "time_text_embed.", "proj_out", "norm_out.")
+              "time_text_embed.", "proj_out", "norm_out.", "pos_embed.")
 COMFY_TE = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 
 
@@ -40,21 +40,31 @@ def _one(key: str, fmt: str, layout=None, base=None) -> Mapped:
     return Mapped([(key, None)], fmt, dict(layout or {}), base)
 
 
+def _split(t, out_features: int, fmt: str, layout, base: Optional[str]) -> Mapped:
+    return Mapped([(k, (a, b) if (a, b) != (0, out_features) else None) for k, a, b in t], fmt, layout, base)
+
+
 def _split_flux(path: str, out_features: int, fmt: str, layout) -> Optional[Mapped]:
     t = align.flux_targets(path, out_features)
     if t is None:
         return None
-    return Mapped([(k, (a, b) if (a, b) != (0, out_features) else None) for k, a, b in t], fmt,
-                  dict(layout, transformer_names="bfl"), "flux")
+    return _split(t, out_features, fmt, dict(layout, transformer_names="bfl"), "flux")
 
 
-def _unet_like(path: str, fmt: str, layout, out_features: int, component_hint: str = "unet") -> Mapped:
-    """A diffusion-model path in SGM, BFL-Flux or diffusers naming."""
+def _unet_like(path: str, fmt: str, layout, out_features: int, component_hint: str = "unet",
+               in_features: Optional[int] = None) -> Mapped:
+    """A diffusion-model path in SGM, BFL-Flux, SD3-MMDiT or diffusers naming."""
     if align.is_flux_path(path):
         m = _split_flux(path, out_features, fmt, layout)
         if m is not None:
             return m
         return _one(f"diffusion_model.{path}", fmt, layout, "flux")
+    if align.is_mmdit_path(path):
+        base = "sd3" if path.startswith("joint_blocks.") else None
+        t = align.mmdit_targets(path, out_features, in_features)
+        if t is None:
+            return _one(f"diffusion_model.{path}", fmt, layout, base)
+        return _split(t, out_features, fmt, dict(layout, transformer_names="mmdit"), base)
     if align.is_sgm_path(path):
         return _one(align.canonical("unet", path), fmt, dict(layout, unet_names="sgm"))
     if path.startswith(_UNET_HEADS):
@@ -64,7 +74,7 @@ def _unet_like(path: str, fmt: str, layout, out_features: int, component_hint: s
     return _one(f"diffusion_model.{path}", fmt, layout)
 
 
-def kohya_name(name: str, out_features: int) -> Optional[Mapped]:
+def kohya_name(name: str, out_features: int, in_features: Optional[int] = None) -> Optional[Mapped]:
     """``lora_unet_…`` / ``lora_te1_…`` -> canonical; None when the name has no kohya prefix."""
     for prefix, comp in KOHYA_PREFIXES:
         if name.startswith(prefix):
@@ -74,8 +84,8 @@ def kohya_name(name: str, out_features: int) -> Optional[Mapped]:
                 layout["te_prefix_" + comp] = prefix[:-1]
                 return _one(align.canonical(comp, align.kohya_path(flat)), "kohya", layout)
             path = align.kohya_path(flat)
-            if comp == "unet":
-                return _unet_like(path, "kohya", layout, out_features)
+            if comp == "unet" or (comp == "transformer" and (align.is_flux_path(path) or align.is_mmdit_path(path))):
+                return _unet_like(path, "kohya", layout, out_features, in_features=in_features)
             return _one(f"{comp}.{path}", "kohya", layout)
     return None
 
@@ -99,7 +109,7 @@ def old_diffusers_name(name: str) -> str:
     return ".".join(parts)
 
 
-def dotted_name(name: str, family: str, out_features: int) -> Mapped:
+def dotted_name(name: str, family: str, out_features: int, in_features: Optional[int] = None) -> Mapped:
     """Dotted names: diffusers (``unet.``, ``text_encoder.``, ``transformer.``), PEFT
     (``base_model.model.``), ComfyUI (``diffusion_model.``, ``text_encoders.``), old diffusers."""
     fmt_ab = "diffusers"
@@ -116,8 +126,8 @@ def dotted_name(name: str, family: str, out_features: int) -> Mapped:
             comp, path = rest.split(".", 1)
             layout["peft_components"] = "prefixed"
             return _one(align.canonical(comp, path), "peft", layout)
-        if rest.startswith(_UNET_HEADS) or align.is_sgm_path(rest):
-            m = _unet_like(rest, "peft", layout, out_features)
+        if rest.startswith(_UNET_HEADS) or align.is_sgm_path(rest) or align.is_mmdit_path(rest):
+            m = _unet_like(rest, "peft", layout, out_features, in_features=in_features)
             m.layout["peft_components"] = "unet"
             return m
         if rest.startswith(_DIT_HEADS):
@@ -126,7 +136,8 @@ def dotted_name(name: str, family: str, out_features: int) -> Mapped:
         return _one(f"model.{rest}", "peft", layout, "llm")
     if name.startswith("diffusion_model."):
         path = name[len("diffusion_model."):]
-        return _unet_like(path, "comfy", {"format": "kohya", "comfy_names": "1"}, out_features)
+        return _unet_like(path, "comfy", {"format": "kohya", "comfy_names": "1"}, out_features,
+                          in_features=in_features)
     if name.startswith("text_encoders."):
         rest = name[len("text_encoders."):]
         enc, _, path = rest.partition(".")
@@ -140,7 +151,7 @@ def dotted_name(name: str, family: str, out_features: int) -> Mapped:
     layout = {"format": "diffusers" if fmt_ab != "comfy" else "kohya"}
     if head in DOTTED_COMPONENTS and path:
         if head == "unet" or head == "transformer":
-            return _unet_like(path, fmt_ab, layout, out_features, component_hint=head)
+            return _unet_like(path, fmt_ab, layout, out_features, component_hint=head, in_features=in_features)
         return _one(align.canonical(head, path), fmt_ab, layout)
     if name.startswith(_UNET_HEADS):            # oldest diffusers files: UNet keys without a prefix
         return _unet_like(name, fmt_ab, layout, out_features)
@@ -174,16 +185,17 @@ def xlabs_name(name: str, out_features: int) -> Mapped:
     return _one(f"diffusion_model.{kind}.{i}.{sub}", "xlabs", layout, "flux")
 
 
-def map_name(name: str, family: str, out_features: int) -> Mapped:
+def map_name(name: str, family: str, out_features: int, in_features: Optional[int] = None) -> Mapped:
+    """``in_features`` (optional) tells SD3's pre-only context modulation (2 chunks) from the others."""
     if family == "xlabs":
         return xlabs_name(name, out_features)
     if "." not in name or name.startswith(tuple(p for p, _ in KOHYA_PREFIXES)):
-        m = kohya_name(name, out_features)
+        m = kohya_name(name, out_features, in_features)
         if m is not None:
             if family == "ab":             # kohya names with lora_A/B (seen from some trainers)
                 m.format = "kohya"
             return m
-    return dotted_name(name, family, out_features)
+    return dotted_name(name, family, out_features, in_features)
 
 
 def peft_relative_path(name: str) -> str:

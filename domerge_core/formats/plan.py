@@ -516,7 +516,7 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
         else:
             out_f, in_f, rank, kernel = _module_geometry(src, g)
         if not rot_fam:
-            mapped = map_name(g.name, "down_up" if lyco else g.family, out_f)
+            mapped = map_name(g.name, "down_up" if lyco else g.family, out_f, in_f)
         oft_alpha = None
         if based:                     # dense ΔW (OFT/BOFT) or exact factors (GLoRA) from the base weight
             bg = _base_geometry(src, g, mapped, base_shape)
@@ -566,15 +566,14 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             peft_spec = peft_adapters.PeftSpec("dora", lora_scale=scale)
             scale, rank = 1.0, min(out_f, in_f)
         elif "dora_scale" in g.keys:          # dense update from the base weight, exact at rank min(m, n)
-            _check_float(src, g.keys["dora_scale"])
-            if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
-                raise UnsupportedFormatError("DoRA on a fused module (split into several) is not supported",
-                                             file=src.label, key=g.keys["dora_scale"])
+            _check_float(src, g.keys["dora_scale"])     # a fused module: decomposed whole, then split by rows
             # ComfyUI's weight_decompose multiplies the adapter's update by the alpha it is given: the
             # scale for LoRA/LoHa/LoKr/GLoRA, but OFT/BOFT pass their norm constraint (OFT: 0 if none)
             lora_scale = oft_alpha if g.family in ("oft", "boft") else scale
             scale, rank = 1.0, min(out_f, in_f)
         for key, rows in mapped.targets:
+            if lora_scale is not None and rows is not None:
+                rank = min(rows[1] - rows[0], in_f)
             if key in modules:
                 raise LoraFormatError(f"two entries map to the same module {key!r}", file=src.label,
                                       key=g.keys["down"])

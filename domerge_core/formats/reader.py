@@ -62,8 +62,10 @@ BaseFn = Callable[[str, str], Optional[torch.Tensor]]
 
 
 def _base_weight(base: BaseFn, p: ModulePlan, src: TensorSource, key: str, kind: str) -> torch.Tensor:
-    """The base weight a DoRA / OFT / BOFT / GLoRA module needs, or a clear error naming the file and key."""
-    w = base(p.key, p.group.name)
+    """The base weight a DoRA / OFT / BOFT / GLoRA module needs, or a clear error naming the file and key.
+    A part of a fused module is asked for by its canonical key alone (the file's name is the whole
+    fused module)."""
+    w = base(p.key, p.group.name if p.rows is None else p.key)
     if w is None:
         raise LoraFormatError(f"{kind} module: its base weight was not found in the given base model",
                               file=src.label, key=key)
@@ -97,17 +99,25 @@ def _shaped_base(base: BaseFn, p: ModulePlan, src: TensorSource, key: str, kind:
     return w.reshape(shape)
 
 
-def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
+def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn, parts: Optional[list] = None,
+                 shared: Optional["_DoraShared"] = None):
     """DoRA as ComfyUI applies it (``weight_decompose``) on any adapter's update D(W) (LoRA, LoHa,
     LoKr, GLoRA, OFT, BOFT): with a = ``p.lora_scale`` (the alpha ComfyUI passes: the adapter's scale, or
     OFT/BOFT's constraint), W' = (W + a·D) · m / ‖W + a·D‖ (per input column; per output row with ‖W‖
     when ``dora_scale`` has one value per output), ΔW = W' − W — dense, from the base weight, written
-    exactly as (ΔW, I) / (I, ΔW)."""
+    exactly as (ΔW, I) / (I, ΔW).
+
+    A fused module split into several (``parts``: the ModulePlans of its row ranges, in order; kohya
+    Flux ``img_attn_qkv``, SD3 ``attn.qkv``) is decomposed whole, as ComfyUI does on the fused weight:
+    W is the parts' base rows stacked, and each part takes its rows of the one ΔW (computed once)."""
     update = _update_fn(src, p)
     dk = p.group.keys["dora_scale"]
 
-    def load():
-        w = _shaped_base(base, p, src, dk, "DoRA")
+    def whole():
+        if parts:
+            w = torch.cat([_shaped_base(base, q, src, dk, "DoRA") for q in parts])
+        else:
+            w = _shaped_base(base, p, src, dk, "DoRA")
         shape = tuple(w.shape)
         eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0
         W = w.to(torch.float64)
@@ -124,9 +134,38 @@ def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
             raise LoraFormatError(f"dora_scale has shape {list(mag.shape)}, expected {list(norm.shape)}",
                                   file=src.label, key=dk)
         dW = calc * (mag.reshape(norm.shape) / (norm + eps)) - W
-        return lycoris._capped_dense(dW.reshape(shape[0], -1))
+        return dW.reshape(shape[0], -1)
+
+    def load():
+        if parts:
+            dW = shared.take()
+            if dW is None:
+                dW = shared.put(whole())
+            return lycoris._capped_dense(dW[p.rows[0]:p.rows[1]])
+        return lycoris._capped_dense(whole())
 
     return load
+
+
+class _DoraShared:
+    """The fused ΔW of a split DoRA module, kept until each of its ``n`` parts has taken its rows."""
+
+    def __init__(self, n: int):
+        self.n, self.left, self.dW = n, 0, None
+
+    def take(self):
+        dW = self.dW
+        if dW is not None:
+            self.left -= 1
+            if self.left <= 0:
+                self.dW = None
+        return dW
+
+    def put(self, dW):
+        self.dW, self.left = dW, self.n - 1
+        if self.left <= 0:
+            self.dW = None
+        return dW
 
 
 def _base_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
@@ -156,12 +195,18 @@ def build_lora(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, 
     plan = plan_modules(src, metadata, adapter_config=adapter_config, allow_dora=base is not None,
                         base_shape=base_shape)
     modules = {}
+    fused: dict = {}          # a split DoRA module's parts share one decomposition of the fused weight
+    for p in plan.modules.values():
+        if p.lora_scale is not None and p.rows is not None:
+            fused.setdefault(p.group.name, []).append(p)
+    shared = {name: _DoraShared(len(ps)) for name, ps in fused.items()}
     for key, p in plan.modules.items():
         if p.peft is not None:
             from .peft_adapters import make_loader
             loader = make_loader(src, p, base)
         elif p.lora_scale is not None:
-            loader = _dora_loader(src, p, base)
+            parts = sorted(fused[p.group.name], key=lambda q: q.rows) if p.rows is not None else None
+            loader = _dora_loader(src, p, base, parts, shared.get(p.group.name))
         elif p.group.family in lycoris_base.FAMILIES:
             loader = _base_loader(src, p, base)
         else:

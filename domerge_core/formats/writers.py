@@ -133,7 +133,7 @@ def unloadable_reason(lora: Lora, format: str) -> Optional[str]:
                     f"every key would be skipped. Use 'kohya' (ComfyUI, A1111/Forge, diffusers) or "
                     f"'diffusers'")
     if format == "kohya" and any(k.startswith("transformer.") for k in lora.modules):
-        return ("format 'kohya' writes the DiT (Flux) modules as lora_transformer_…, which ComfyUI loads but "
+        return ("format 'kohya' writes the DiT (Flux, SD3) modules as lora_transformer_…, which ComfyUI loads but "
                 "diffusers' load_lora_weights does not load (it rejects those names); use 'diffusers' "
                 "(transformer.… lora_A/lora_B), which both load")
     return None
