@@ -11,6 +11,7 @@ from . import comfy_glue as glue
 from .lora_list import CATEGORY
 
 MAX_COUNTER = 99999
+AUTO = "auto"
 
 
 def check_prefix(prefix: str) -> str:
@@ -69,11 +70,12 @@ class DomergeSaveLora:
             "filename_prefix": ("STRING", {"default": "domerge/merged",
                                            "tooltip": "Name inside the loras folder (subfolders allowed; "
                                                       "_00001, _00002 ... is appended)."}),
-            "format": (list(domerge_core.FORMATS), {
-                "default": "kohya", "tooltip": "File layout: kohya (SD1.x/SDXL: ComfyUI, A1111/Forge, diffusers), "
-                                              "diffusers (ComfyUI and diffusers; the one for Flux), or peft "
-                                              "(PEFT adapters of non-diffusion models only). A layout a stock "
-                                              "loader would skip is refused with the reason."}),
+            "format": ([AUTO] + list(domerge_core.FORMATS), {
+                "default": AUTO, "tooltip": "File layout: auto (the first input's, or diffusers where a stock loader "
+                                            "would skip it, e.g. kohya-named Flux/SD3), kohya (SD1.x/SDXL: "
+                                            "ComfyUI, A1111/Forge, diffusers), diffusers (ComfyUI and diffusers; "
+                                            "the one for Flux/SD3), or peft (PEFT adapters of non-diffusion models "
+                                            "only). A layout a stock loader would skip is refused with the reason."}),
             "dtype": (list(OUTPUT_CHOICES), {"default": "fp16", "tooltip": "Precision of the saved factors."}),
         }}
 
@@ -92,7 +94,7 @@ class DomergeSaveLora:
         result = getattr(lora, "result", None)
         src = result.lora if result is not None else domerge_core.load_state_dict(dict(lora), source="LORA_MODEL")
         try:       # a layout the stock loaders would skip is refused, not written
-            domerge_core.check_loadable(src, format)
+            format = domerge_core.check_loadable(src, None if format == AUTO else format)
         except domerge_core.LoraFormatError as e:
             raise glue.NodeInputError(str(e)) from None
         start = 1

@@ -24,6 +24,7 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402  (ComfyUI's own nodes.py: LoraLoader)
 
+import domerge_core  # noqa: E402
 import domerge_nodes  # noqa: E402
 from domerge_nodes import comfy_glue  # noqa: E402
 
@@ -230,6 +231,27 @@ def test_do_merge_then_save_then_stock_loader_loads_it(folders, caplog):
         m2, c2 = comfy_nodes.LoraLoader().load_lora(model, clip, "domerge/merged_00001.safetensors", 1.0, 1.0)
     assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
     assert len(m2.patches) == 100 and len(c2.patcher.patches) == 72
+
+
+def test_save_auto_format_keeps_sd_layout_and_writes_kohya_flux_as_diffusers(folders):
+    """The Save node's default 'auto': an SD1.5 merge keeps its kohya layout; a kohya-named Flux
+    LORA_MODEL (which 'kohya' would write as lora_transformer_…, skipped by diffusers) is written as
+    diffusers instead of being refused; an explicit 'kohya' for it is still refused with the reason."""
+    dirs, loras = folders
+    save = domerge_nodes.NODE_CLASS_MAPPINGS["DomergeSaveLora"]
+    assert save.INPUT_TYPES()["required"]["format"][1]["default"] == "auto"
+    merged, _ = _merge(_list(("tiny_kohya_a.safetensors", 1.0), ("tiny_kohya_b.safetensors", 0.8)), "ta")
+    (sd_name,) = save().save(merged, "auto/sd", "auto", "fp16")["result"]
+    assert domerge_core.load_lora(str(dirs["loras"] / sd_name)).format == "kohya"
+    g = torch.Generator().manual_seed(0)
+    flux = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, 64, generator=g),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(192, 4, generator=g),
+            "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0)}
+    (flux_name,) = save().save(flux, "auto/flux", "auto", "fp32")["result"]
+    written = domerge_core.load_lora(str(dirs["loras"] / flux_name))
+    assert written.format == "diffusers" and len(written) == 3
+    with pytest.raises(comfy_glue.NodeInputError, match="diffusers"):
+        save().save(flux, "auto/flux", "kohya", "fp32")
 
 
 @pytest.mark.parametrize("prefix", ["../escape", "a/../../b", "/tmp/abs", "C:/x", "", "a//b"])

@@ -196,3 +196,49 @@ def test_flux_layouts_load_into_diffusers_or_are_refused(tmp_path):
     for n, m in layers.items():
         want = src["transformer." + n].delta()
         assert rel_err(m.get_delta_weight("x").double(), want) < 1e-5, n
+
+
+@needs_diffusers
+def test_kohya_flux_inputs_default_to_a_layout_both_loaders_load(tmp_path):
+    """Two kohya-named Flux LoRAs merged with no --format: the first input's layout (kohya, which
+    diffusers rejects for a DiT) gives way to 'diffusers' instead of an error, on the CLI and in the
+    Save node's 'auto'; the file loads into diffusers' FluxTransformer2DModel with the merged update.
+    An explicit --format kohya is still refused with the reason."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft.tuners.lora import LoraLayer
+
+    from safetensors.torch import save_file
+
+    from domerge_core import default_format, load_lora
+    from domerge_core.cli import main
+
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+    d = tr.get_submodule("transformer_blocks.0.attn.to_q").weight.shape[1]
+    paths = []
+    for s in (1, 2):
+        g = torch.Generator().manual_seed(s)
+        name = "lora_unet_double_blocks_0_img_attn_qkv"
+        sd = {f"{name}.lora_down.weight": torch.randn(4, d, generator=g) * 0.1,
+              f"{name}.lora_up.weight": torch.randn(3 * d, 4, generator=g) * 0.1, f"{name}.alpha": torch.tensor(2.0)}
+        p = tmp_path / f"k{s}.safetensors"
+        save_file(sd, str(p))
+        paths.append(str(p))
+    assert default_format(load_lora(paths[0])) == "diffusers"
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", *paths, "-o", str(tmp_path / "k.safetensors"), "--format", "kohya", "--method", "ta",
+                 "-q"]) == 2
+    assert main(["merge", *paths, "-o", str(out), "--method", "ta", "--dtype", "fp32", "-q"]) == 0
+    merged = load_lora(str(out))
+    assert merged.format == "diffusers"
+    state = FluxPipeline.lora_state_dict(str(out))
+    state = state[0] if isinstance(state, tuple) else state
+    tr.load_lora_adapter(state, prefix="transformer", adapter_name="x")
+    layers = {n: m for n, m in tr.named_modules() if isinstance(m, LoraLayer)}
+    assert set(layers) == {f"transformer_blocks.0.attn.to_{x}" for x in "qkv"}
+    a, b = load_lora(paths[0]), load_lora(paths[1])
+    for n, m in layers.items():
+        want = a["transformer." + n].delta() + b["transformer." + n].delta()
+        assert rel_err(m.get_delta_weight("x").double(), want) < 1e-5, n

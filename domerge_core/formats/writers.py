@@ -25,13 +25,19 @@ DROP_METADATA = ("lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash",
 
 
 def default_format(lora: Lora) -> str:
-    """The layout a LoRA is written in when none is asked for: its own (merged: the first input's)."""
+    """The layout a LoRA is written in when none is asked for: its own (merged: the first input's),
+    unless a stock loader would skip part of a file in it (a kohya-named Flux/SD3 LoRA: diffusers does
+    not load ``lora_transformer_…``); then ``diffusers``, which ComfyUI and diffusers both load."""
     hint = lora.layout.get("format") if lora.layout else None
     if hint in FORMATS:
-        return hint
-    return {"kohya": "kohya", "comfy": "kohya", "diffusers": "diffusers", "diffusers_old": "diffusers",
-            "peft": "peft"}.get(lora.format, "peft" if any(k.startswith("model.") for k in lora.modules)
-                                else "kohya")
+        own = hint
+    else:
+        own = {"kohya": "kohya", "comfy": "kohya", "diffusers": "diffusers", "diffusers_old": "diffusers",
+               "peft": "peft"}.get(lora.format, "peft" if any(k.startswith("model.") for k in lora.modules)
+                                   else "kohya")
+    if unloadable_reason(lora, own) and not unloadable_reason(lora, "diffusers"):
+        return "diffusers"
+    return own
 
 
 def _file_factors(m: LoraModule, dtype: "torch.dtype", loader_scale: float = 1.0
