@@ -213,14 +213,16 @@ def test_sd3_diffusers_and_native_merge_lines_up_and_loads_in_comfyui(sd3, tmp_p
 def test_sd3_native_first_kohya_layout_loads_in_comfyui_but_is_refused_for_diffusers(sd3, tmp_path, caplog):
     """Native first: the kohya layout writes the split modules as OneTrainer's ``lora_transformer_…``
     (ComfyUI maps them with its slices: every key loads, same patches); diffusers has no SD3 kohya
-    converter, so the save surfaces refuse 'kohya' and 'diffusers' is what both load."""
+    converter, so the save surfaces refuse 'kohya' by name, and with no format asked write 'diffusers',
+    which both load."""
     from domerge_core.formats.writers import to_state_dict
     key_map, shapes, d2c = sd3
     mods, fam = _modules("kohya", shapes, d2c)
     f = _file(tmp_path / "k.safetensors", mods, fam, seed=3)
     lora = domerge_core.load_lora(str(f))
     with pytest.raises(domerge_core.LoraFormatError, match="does not load"):
-        domerge_core.check_loadable(lora, None)
+        domerge_core.check_loadable(lora, "kohya")
+    assert domerge_core.check_loadable(lora, None) == "diffusers"
     assert domerge_core.loadable_formats(lora) == ("diffusers",)
     want = _comfy_delta([(load_file(str(f)), 1.0)], key_map, shapes, caplog)
     for fmt in ("kohya", "diffusers"):
