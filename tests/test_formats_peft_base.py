@@ -262,3 +262,24 @@ def test_base_from_pipeline_and_as_base(sd1_pipe, tmp_path):
     p = tmp_path / "unet.safetensors"
     save_file({"conv_in.weight": sd1_pipe.unet.conv_in.weight.detach().clone()}, str(p))
     assert torch.equal(as_base(str(p))("unet.conv_in", ""), sd1_pipe.unet.conv_in.weight)
+
+
+def test_merge_and_load_lora_take_the_pipeline_as_base(sd1_pipe, tmp_path):
+    """A notebook user passes the pipeline itself: ``load_lora(path, base=pipe)`` and
+    ``merge([paths], base=pipe)`` read a PEFT DoRA file against it, equal to the explicit lookup."""
+    from domerge_core import merge
+
+    ref = _diffusers_dora(sd1_pipe, tmp_path / "dora", text_encoder=False)
+    f = str(tmp_path / "dora" / "pytorch_lora_weights.safetensors")
+    a = load_lora(f, base=sd1_pipe)
+    b = load_lora(f, base=base_from_pipeline(sd1_pipe))
+    assert len(a.modules) == len(ref) and all(torch.equal(m.delta(), b[m.key].delta()) for m in a)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"unet.conv_in.lora_A.weight": torch.randn(2, 4 * 9), "unet.conv_in.lora_B.weight": torch.randn(
+        sd1_pipe.unet.conv_in.weight.shape[0], 2)}, str(plain))
+    with pytest.raises(UnsupportedFormatError, match="base"):
+        merge([f, str(plain)], "ta", weights=[0.5, 0.25])
+    got = merge([f, str(plain)], "ta", weights=[0.5, 0.25], base=sd1_pipe, compute_dtype=torch.float64).lora
+    worst = max(rel_err(got[m.key].delta(torch.float64), 0.5 * m.delta(torch.float64)) for m in b
+                if m.key != "unet.conv_in")
+    assert worst < 1e-10, worst

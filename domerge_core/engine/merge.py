@@ -43,7 +43,7 @@ def merge(inputs: Sequence[LoraLike], method: Optional[str] = None, params: Opti
           energy: Optional[float] = None, device: str = "auto",
           compute_dtype: torch.dtype = torch.float32, seed: int = 0,
           progress: Optional[ProgressFn] = None, cache: Optional[MergeCache] = None,
-          multipliers: Optional[Sequence[Multiplier]] = None) -> MergeResult:
+          multipliers: Optional[Sequence[Multiplier]] = None, base=None) -> MergeResult:
     """Merge LoRAs (objects or safetensors paths) with a registered method.
 
     ``weights``: user strengths (default 1.0 each); ``multipliers``: per input, None or a function
@@ -53,7 +53,9 @@ def merge(inputs: Sequence[LoraLike], method: Optional[str] = None, params: Opti
     else low-rank methods are written exactly at rank Σr_i and dense ones at rank Σr_i (or exactly
     when that is ≥ min(m, n)); ``seed``: DARE's draws; ``progress(done, total, stage)`` per module
     with stages "orthogonalize", "merge", "truncate" — raising from it cancels (nothing is
-    written); ``cache``: a `MergeCache` reused across calls (sliders).
+    written); ``cache``: a `MergeCache` reused across calls (sliders); ``base``: the base model that
+    inputs given as paths read against when their update depends on it (DoRA, OFT, BOFT, GLoRA): a
+    diffusers pipeline, ``{component: module}``, a checkpoint path or ``fn(key, name)``.
 
     Raises `DomergeError` subclasses only (for the inputs' numbers: `NumericalError`, naming the
     file(s) and the module key).
@@ -62,7 +64,7 @@ def merge(inputs: Sequence[LoraLike], method: Optional[str] = None, params: Opti
     spec = get_method(default_method() if method is None else method)
     p = spec.resolve(params)
     rank, energy, seed = check_run_options(rank, energy, seed)
-    loras = load_inputs(inputs)
+    loras = load_inputs(inputs, base)
     check_compatible(loras)
     w = check_weights(weights, len(loras))
     mult = check_multipliers(multipliers, len(loras))

@@ -92,16 +92,20 @@ def _refuse_same_file(loras: Sequence[Lora]) -> None:
 # ----------------------------------------------------------------------------------------------
 # inputs and strengths
 
-def load_inputs(inputs: Union[LoraLike, Sequence[LoraLike]]) -> List[Lora]:
+def load_inputs(inputs: Union[LoraLike, Sequence[LoraLike]], base=None) -> List[Lora]:
+    """Lora objects as given; paths read with ``base`` (the base model DoRA/OFT/BOFT/GLoRA files need)."""
     if isinstance(inputs, (str, os.PathLike, Lora)):
         inputs = [inputs]
+    if base is not None:
+        from ..formats.base_pipeline import as_base
+        base = as_base(base)          # once: a checkpoint's header is read once for all inputs
     out = []
     for x in inputs:
         if isinstance(x, Lora):
             out.append(x)
         elif isinstance(x, (str, os.PathLike)):
             from ..formats import load_lora
-            out.append(load_lora(os.fspath(x)))
+            out.append(load_lora(os.fspath(x), base=base))
         else:
             raise InvalidParameterError(f"merge input must be a Lora or a file path, not {type(x).__name__}")
     if not out:

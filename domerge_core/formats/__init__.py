@@ -37,7 +37,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 def load_lora(path: PathLike, *, adapter_config: Union[None, PathLike, Mapping[str, Any]] = None,
               base=None) -> Lora:
     """Read a LoRA file lazily. Errors (:class:`LoraFormatError` and subclasses) name the file and key.
-    ``base(canonical key, module name) -> weight or None``: the base model, for DoRA files (refused without)."""
+    ``base``: the base model, for inputs whose update depends on it (DoRA, OFT, BOFT, GLoRA; refused
+    without): a diffusers pipeline, a ``{component: module}`` dict, a checkpoint path or a function
+    ``fn(canonical key, module name) -> weight or None`` (see :func:`~.base_pipeline.as_base`)."""
+    from .base_pipeline import as_base
     from .safetensors import LazyFile, adapter_config_beside, read_header, read_scalar, resolve_input
     from .reader import TensorSource, build_lora
 
@@ -51,7 +54,7 @@ def load_lora(path: PathLike, *, adapter_config: Union[None, PathLike, Mapping[s
     if cfg is None:
         beside = adapter_config_beside(path, header.tensors, header.metadata)
         cfg = read_adapter_config(beside) if beside else None
-    lora = build_lora(src, header.metadata, adapter_config=cfg, base=base)
+    lora = build_lora(src, header.metadata, adapter_config=cfg, base=as_base(base))
     lora.content_sha256 = lazy.sha256
     return lora
 
@@ -61,6 +64,8 @@ def load_state_dict(sd: Mapping[str, torch.Tensor], *, source: str = "<state dic
                     adapter_config: Union[None, PathLike, Mapping[str, Any]] = None, base=None) -> Lora:
     """The same as :func:`load_lora` over in-memory tensors (e.g. ComfyUI's LORA_MODEL dict)."""
     import torch
+
+    from .base_pipeline import as_base
 
     from .dtypes import code_of
     from .reader import TensorSource, build_lora
@@ -73,7 +78,7 @@ def load_state_dict(sd: Mapping[str, torch.Tensor], *, source: str = "<state dic
     dtypes = {k: code_of(v.dtype) or str(v.dtype) for k, v in tensors.items()}
     src = TensorSource(source, {k: tuple(v.shape) for k, v in tensors.items()}, dtypes,
                        lambda k: tensors[k].detach())
-    return build_lora(src, metadata, adapter_config=read_adapter_config(adapter_config), base=base)
+    return build_lora(src, metadata, adapter_config=read_adapter_config(adapter_config), base=as_base(base))
 
 
 def save_lora(lora: Lora, path: PathLike, *, format: Optional[str] = "kohya", dtype: Optional[torch.dtype] = None,
