@@ -111,7 +111,9 @@ def comfy_key_map(model=None, clip=None) -> Tuple[Dict[str, Any], Dict[str, Any]
 
 def base_weight_fn(model=None, clip=None):
     """``fn(canonical key, module name) -> weight or None`` over the connected MODEL / CLIP, found
-    through ComfyUI's key maps (what DoRA inputs need); None when neither is connected."""
+    through ComfyUI's key maps (what DoRA / OFT / BOFT / GLoRA inputs need), in the layout of the
+    canonical key: a slice of a fused weight, or ``norm_out.linear`` with its halves swapped back as
+    ComfyUI's ``swap_scale_shift`` does; None when neither is connected."""
     if model is None and clip is None:
         return None
     unet, te = comfy_key_map(model, clip)
@@ -126,14 +128,19 @@ def base_weight_fn(model=None, clip=None):
                 target = table.get(n)
                 if target is None or module is None:
                     continue
-                wkey, offset = (target if isinstance(target, tuple) else (target, None))
+                wkey, offset, fn = (tuple(target) + (None, None))[:3] if isinstance(target, tuple) \
+                    else (target, None, None)
                 import comfy.utils
+                if fn is not None and fn is not comfy.utils.swap_scale_shift:
+                    return None       # a conversion we cannot invert: the base weight is not known
                 try:
                     w = comfy.utils.get_attr(module, wkey)
                 except AttributeError:
                     return None
                 if offset is not None:
                     w = w.narrow(offset[0], offset[1], offset[2])
+                if fn is not None:    # the diffusers layout: swap_scale_shift is its own inverse
+                    w = fn(w)
                 return w.detach()
         return None
 

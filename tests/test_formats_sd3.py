@@ -12,6 +12,7 @@ its output loads in ComfyUI with every key mapped and the same patched weights a
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -123,33 +124,67 @@ def _truth(key, shapes, d2c):
     return _target(key + ".weight", shapes)
 
 
+def model_rows(t, shapes):
+    """A key-map value -> (model weight, the model row each row of the LoRA's ΔW lands on, in order):
+    a slice's offset, and ComfyUI's ``swap_scale_shift`` (which adds the swapped ΔW) as a permutation."""
+    w, off, n, fn = _target(t, shapes)
+    rows = list(range(off, off + n))
+    if fn is not None:
+        assert fn is comfy.utils.swap_scale_shift, fn
+        rows = fn(torch.tensor(rows)).tolist()          # ΔW row i lands where swap puts it
+    return w, rows
+
+
+def assert_lands_where_comfyui_puts_it(name, family, shape, key_map, shapes, truth, hint):
+    """Our targets of a file module (canonical key + rows of the up factor) land, row by row and in
+    order, where ComfyUI's key map puts the file's module: target row t is file row rows[t], which
+    ComfyUI patches at model row M[rows[t]]; ComfyUI puts the canonical key's row t at truth(key)[t].
+    Returns the number of targets."""
+    from domerge_core.formats.canonical import row_index
+    assert name in key_map, name
+    w, M = model_rows(key_map[name], shapes)
+    assert len(M) == shape[0], name
+    in_f = 1
+    for x in shape[1:]:
+        in_f *= x
+    m = map_name(name, family, shape[0], in_f, hint)
+    covered = []
+    for key, rows in m.targets:
+        idx = row_index(rows, shape[0])
+        w2, rows2 = truth(key)
+        assert w2 == w and rows2 == [M[i] for i in idx], (name, key, rows)
+        covered += idx
+    assert sorted(covered) == list(range(shape[0])), (name, m.targets)
+    return len(m.targets)
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_every_sd3_module_name_lands_where_comfyui_puts_it(sd3, layout):
-    """Each module name maps to the same model weight, the same rows and the same shift/scale swap as
-    ComfyUI's key map; a fused qkv splits into q, k, v rows that together cover it exactly."""
+    """Each module name maps to the same model weight and the same rows, in the same order, as ComfyUI's
+    key map: a fused qkv splits into q, k, v rows that together cover it exactly; the final modulation
+    and the pre-only last context modulation (halves swapped by ComfyUI's ``swap_scale_shift``) map
+    to diffusers' ``norm_out.linear`` / ``norm1_context.linear`` with their up rows swapped."""
+    from domerge_core.formats.canonical import file_hint
     key_map, shapes, d2c = sd3
     mods, family = _modules(layout, shapes, d2c)
     assert len(mods) >= 35
-    fused = 0
-    for name, shape in mods:
-        assert name in key_map, name
-        w, off, n, fn = _target(key_map[name], shapes)
-        assert n == shape[0], name
-        in_f = 1
-        for x in shape[1:]:
-            in_f *= x
-        m = map_name(name, family, shape[0], in_f)
-        start = 0
-        for key, rows in m.targets:
-            a, b = rows or (0, shape[0])
-            assert a == start, (name, m.targets)
-            start = b
-            w2, off2, n2, fn2 = _truth(key, shapes, d2c)
-            assert (w2, off2, n2) == (w, off + a, b - a), (name, key, rows)
-            assert fn2 is fn, (name, key)
-        assert start == shape[0], (name, m.targets)
-        fused += len(m.targets) == 3
-    assert fused == (8 if LAYOUTS[layout][2] else 0)        # 3 x_block.attn + 2 attn2 + 3 context qkv
+    hint = file_hint(n for n, _ in mods)
+    assert hint == ("sd3" if LAYOUTS[layout][2] else None)
+
+    def truth(key):
+        return model_rows(_truth_raw(key, d2c), shapes)
+
+    counts = [assert_lands_where_comfyui_puts_it(n, family, s, key_map, shapes, truth, hint) for n, s in mods]
+    assert counts.count(3) == (8 if LAYOUTS[layout][2] else 0)        # 3 x_block.attn + 2 attn2 + 3 context qkv
+    if LAYOUTS[layout][2]:       # every native module has its diffusers name now: none stays diffusion_model.*
+        keys = {k for n, s in mods for k, _ in map_name(n, family, s[0], math.prod(s[1:]), hint).targets}
+        assert not [k for k in keys if k.startswith("diffusion_model.")]
+        assert {"transformer.norm_out.linear", "transformer.transformer_blocks.2.norm1_context.linear"} <= keys
+
+
+def _truth_raw(key, d2c):
+    comp, path = key.split(".", 1)
+    return d2c[path + ".weight"] if comp == "transformer" else key + ".weight"
 
 
 def _comfy_delta(files, key_map, shapes, caplog):
@@ -184,12 +219,10 @@ def test_sd3_diffusers_and_native_merge_lines_up_and_loads_in_comfyui(sd3, tmp_p
     fa = _file(tmp_path / "a.safetensors", mods_a, fam_a, seed=1)
     fb = _file(tmp_path / "b.safetensors", mods_b, fam_b, seed=2)
     a, b = domerge_core.load_lora(str(fa)), domerge_core.load_lora(str(fb))
-    shared = set(a.modules) & set(b.modules)
-    # every diffusers module has its native twin except the two whose halves ComfyUI swaps
-    # (norm_out.linear, the pre-only last block's norm1_context.linear): those stay two modules
-    assert set(a.modules) - shared == {"transformer.norm_out.linear", "transformer.transformer_blocks.2.norm1_context.linear"}
-    assert len(shared) == len(a.modules) - 2 >= 40
-    assert b.base_model == "sd3"
+    # every diffusers module has its native twin, including the two whose halves ComfyUI swaps
+    # (norm_out.linear, the pre-only last block's norm1_context.linear: up rows in swapped order)
+    assert set(a.modules) == set(b.modules) and len(a.modules) >= 42
+    assert b.base_model == "sd3" and a.base_model == "sd3"
     wa, wb = 0.7, -1.3
     res = domerge_core.merge([a, b], "ta", weights=[wa, wb])
     assert set(res.lora.modules) == set(a.modules) | set(b.modules)
@@ -222,7 +255,7 @@ def test_sd3_native_first_kohya_layout_loads_in_comfyui_but_is_refused_for_diffu
     lora = domerge_core.load_lora(str(f))
     with pytest.raises(domerge_core.LoraFormatError, match="does not load"):
         domerge_core.check_loadable(lora, "kohya")
-    assert domerge_core.check_loadable(lora, None) == "diffusers"
+    assert domerge_core.check_loadable(lora, None) == "diffusers"       # no format asked: the one both load
     assert domerge_core.loadable_formats(lora) == ("diffusers",)
     want = _comfy_delta([(load_file(str(f)), 1.0)], key_map, shapes, caplog)
     for fmt in ("kohya", "diffusers"):
@@ -297,4 +330,4 @@ def test_key_aligner_of_the_merge_node_keeps_split_qkv_parts_apart(sd3, tmp_path
     a, b = aligner.align(native), aligner.align(diff)
     assert len(a) == len(native) and len(b) == len(diff) and not aligner.unmatched
     assert "transformer.transformer_blocks.0.attn.to_k" in set(a.modules) & set(b.modules)
-    assert len(set(a.modules) & set(b.modules)) == len(b) - 2
+    assert set(a.modules) == set(b.modules)          # norm_out.linear and the pre-only norm1_context too

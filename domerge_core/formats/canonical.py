@@ -19,7 +19,60 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+# Which rows of a file's up factor (of a fused weight) a canonical module takes, in order: ordered
+# (start, end) ranges, so a split is one range per part and a swap of halves is two ranges
+# ((h, 2h), (0, h)); None: all rows, in order. Only the up factor is reordered (down is shared).
+Rows = Optional[Tuple[Tuple[int, int], ...]]
+
+
+def rows_count(rows: Rows, whole: int) -> int:
+    """How many rows a selection takes (``whole``: the fused weight's row count, for None)."""
+    return whole if rows is None else sum(b - a for a, b in rows)
+
+
+def row_index(rows: Rows, whole: int) -> List[int]:
+    """The fused weight's row of each row of the selection (tests, the aligner's checks)."""
+    return list(range(whole)) if rows is None else [i for a, b in rows for i in range(a, b)]
+
+
+def swapped_halves(n: int) -> Rows:
+    """ComfyUI's / diffusers' ``swap_scale_shift``: the second half of the rows, then the first."""
+    return ((n // 2, n), (0, n // 2))
+
+
+def take_rows(t, rows: Rows):
+    """The selected rows of tensor ``t`` (dim 0), in order: a view for one range, a copy for several."""
+    if rows is None:
+        return t
+    if len(rows) == 1:
+        a, b = rows[0]
+        return t.narrow(0, a, b - a)
+    import torch
+    return torch.cat([t.narrow(0, a, b - a) for a, b in rows])
+
+
+def stack_rows(parts: Sequence[Tuple[Rows, "object"]], whole: int, what: str = "fused module"):
+    """The inverse of :func:`take_rows` over the parts of a fused weight: ``[(rows, tensor)]`` put
+    back at their rows of a ``whole``-row tensor. Raises ValueError unless the parts cover every row
+    exactly once."""
+    seen = [False] * whole
+    first = parts[0][1]
+    out = first.new_empty((whole, *first.shape[1:]))
+    for rows, t in parts:
+        at = 0
+        for a, b in ((0, whole),) if rows is None else rows:
+            if not 0 <= a <= b <= whole or any(seen[a:b]):
+                raise ValueError(f"the parts of the {what} overlap or exceed its {whole} rows")
+            seen[a:b] = [True] * (b - a)
+            out[a:b] = t[at:at + b - a]
+            at += b - a
+        if at != t.shape[0]:
+            raise ValueError(f"a part of the {what} has {t.shape[0]} rows, its mapping takes {at}")
+    if not all(seen):
+        raise ValueError(f"the parts of the {what} do not cover its {whole} rows")
+    return out
 
 
 # identifiers with underscores that appear in module paths (longest match first when re-dotting)
@@ -30,6 +83,7 @@ add_embedding add_q_proj add_k_proj add_v_proj to_add_out ff_context norm1_conte
 text_model self_attn q_proj k_proj v_proj out_proj final_layer_norm token_embedding position_embedding
 input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection time_embed label_emb
 double_blocks single_blocks img_attn txt_attn img_mlp txt_mlp img_mod txt_mod
+img_in txt_in time_in vector_in guidance_in in_layer out_layer
 joint_blocks x_block context_block adaLN_modulation x_embedder context_embedder t_embedder y_embedder
 final_layer time_text_embed timestep_embedder guidance_embedder text_embedder time_proj pos_embed
 embed_tokens gate_proj up_proj down_proj o_proj lm_head
@@ -209,8 +263,8 @@ def is_flux_path(path: str) -> bool:
     return bool(_FLUX_RE.match(path))
 
 
-def flux_targets(path: str, out_features: int) -> Optional[List[Tuple[str, int, int]]]:
-    """BFL Flux module path -> [(diffusers key, first row, last row)] of the up factor.
+def flux_targets(path: str, out_features: int) -> Optional[List[Tuple[str, Rows]]]:
+    """BFL Flux block module path -> [(diffusers key, rows of the up factor)].
 
     Fused qkv splits in three equal parts; single-block ``linear1`` is q, k, v (h each) + mlp (4h),
     so h = out/7. Returns None for a path that is not a known Flux module.
@@ -225,7 +279,7 @@ def flux_targets(path: str, out_features: int) -> Optional[List[Tuple[str, int, 
         return None
     block = f"transformer.{'transformer_blocks' if kind == 'double_blocks' else 'single_transformer_blocks'}.{i}"
     if len(targets) == 1:
-        return [(f"{block}.{targets[0]}", 0, out_features)]
+        return [(f"{block}.{targets[0]}", None)]
     if len(targets) == 3:
         if out_features % 3:
             return None
@@ -238,9 +292,63 @@ def flux_targets(path: str, out_features: int) -> Optional[List[Tuple[str, int, 
         sizes = [h, h, h, 4 * h]
     out, start = [], 0
     for t, s in zip(targets, sizes):
-        out.append((f"{block}.{t}", start, start + s))
+        out.append((f"{block}.{t}", ((start, start + s),)))
         start += s
     return out
+
+
+# Flux's modules outside the blocks, as ComfyUI's ``flux_to_diffusers`` and diffusers'
+# ``_convert_kohya_flux_lora_to_diffusers`` name them. Mapped only in a file that is Flux (see
+# :func:`file_hint`): ``img_in``/``txt_in``/``final_layer.linear`` are other models' names too
+# (Qwen-Image's diffusers ``img_in``/``txt_in``, Lumina's ``final_layer.linear`` = ``norm_out.linear_2``).
+FLUX_TOP = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+# shift, scale (BFL / SD3 native) <-> scale, shift (diffusers AdaLayerNormContinuous): swap_scale_shift
+FINAL_MOD = "final_layer.adaLN_modulation.1"
+_FLUX_MARK = re.compile(r"(?:^|[._])(?:double_blocks|single_blocks)[._]\d+[._]"
+                        r"|(?:^|[._])(?:time_in|vector_in|guidance_in)[._](?:in|out)_layer")
+_SD3_MARK = re.compile(r"(?:^|[._])joint_blocks[._]\d+[._]")
+
+
+def file_hint(names: Iterable[str]) -> Optional[str]:
+    """"flux" when a file's module (or checkpoint) names have BFL Flux blocks or embedders
+    (``double_blocks``/``single_blocks``/``time_in``/``vector_in``/``guidance_in``), "sd3" for SD3
+    ``joint_blocks``, else None: decides per file whether Flux's/SD3's modules outside the blocks
+    (``img_in``, ``final_layer.adaLN_modulation.1``…) take their diffusers names.
+
+    HunyuanVideo and Chroma files (BFL-style blocks too) get the same hint; for them the mapped names
+    are right as well (diffusers' HunyuanVideo / Chroma use the same ``time_text_embed``, ``norm_out``
+    with swapped halves, ``proj_out``, ``x_embedder``/``context_embedder``; HunyuanVideo's
+    ``img_in.proj`` / ``txt_in.…`` are other paths and stay as they are)."""
+    hint = None
+    for n in names:
+        if _FLUX_MARK.search(n):
+            return "flux"
+        if hint is None and _SD3_MARK.search(n):
+            hint = "sd3"
+    return hint
+
+
+def dit_top_targets(path: str, out_features: int, in_features: Optional[int], hint: Optional[str]
+                    ) -> Optional[List[Tuple[str, Rows]]]:
+    """Flux / SD3 modules outside the blocks in a file of that model (``hint``): ``FLUX_TOP`` for Flux,
+    and for both the final modulation (out = 2·in: shift, scale; ``in_features`` None: not known from
+    the file, as for OFT) as ``norm_out.linear`` with its halves swapped. None: not such a module (or
+    not such a file)."""
+    if hint == "flux" and path in FLUX_TOP:
+        return [(f"transformer.{FLUX_TOP[path]}", None)]
+    if hint in ("flux", "sd3") and path == FINAL_MOD and out_features and out_features % 2 == 0 \
+            and (in_features is None or out_features == 2 * in_features):   # None: OFT/GLoRA, shape from the base
+        return [("transformer.norm_out.linear", swapped_halves(out_features))]
+    return None
 
 
 def flux_kohya_path(flat: str) -> str:
@@ -268,7 +376,7 @@ _MMDIT_BLOCK = {
     "context_block.mlp.fc1": ["ff_context.net.0.proj"], "context_block.mlp.fc2": ["ff_context.net.2"],
     "x_block.adaLN_modulation.1": ["norm1.linear"],
     # the last block's context_block is "pre-only" (2 chunks, not 6): ComfyUI maps it to
-    # norm1_context.linear with shift/scale halves swapped, so it keeps its native key (below)
+    # norm1_context.linear with shift/scale halves swapped (mmdit_targets: rows in swapped order)
     "context_block.adaLN_modulation.1": ["norm1_context.linear"],
 }
 _MMDIT_TOP = {
@@ -278,7 +386,7 @@ _MMDIT_TOP = {
     "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
     "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
     "final_layer.linear": "proj_out",
-    # final_layer.adaLN_modulation.1 <-> norm_out.linear has swapped halves too: not mapped
+    # final_layer.adaLN_modulation.1 <-> norm_out.linear (swapped halves): dit_top_targets
 }
 _MMDIT_RE = re.compile(r"^joint_blocks\.(\d+)\.(.+)$")
 
@@ -289,13 +397,14 @@ def is_mmdit_path(path: str) -> bool:
 
 
 def mmdit_targets(path: str, out_features: int, in_features: Optional[int] = None
-                  ) -> Optional[List[Tuple[str, int, int]]]:
-    """SD3 MMDiT module path -> [(diffusers key, first row, last row)] of the up factor, as ComfyUI's
-    ``mmdit_to_diffusers`` slices it: fused ``attn.qkv`` is q, k, v of ``hidden`` rows each. None for
-    a path that is not a known MMDiT module, for a qkv whose rows do not split in three, and for the
-    pre-only context ``adaLN_modulation.1`` (out = 2·in; its halves are swapped in diffusers)."""
+                  ) -> Optional[List[Tuple[str, Rows]]]:
+    """SD3 MMDiT module path -> [(diffusers key, rows of the up factor)], as ComfyUI's
+    ``mmdit_to_diffusers`` slices it: fused ``attn.qkv`` is q, k, v of ``hidden`` rows each; the last
+    block's pre-only context ``adaLN_modulation.1`` (2 chunks: out = 2·in, not 6·in) is
+    ``norm1_context.linear`` with its shift/scale halves swapped. None for a path that is not a known
+    MMDiT module and for a qkv whose rows do not split in three."""
     if path in _MMDIT_TOP:
-        return [(f"transformer.{_MMDIT_TOP[path]}", 0, out_features)]
+        return [(f"transformer.{_MMDIT_TOP[path]}", None)]
     m = _MMDIT_RE.match(path)
     if not m:
         return None
@@ -303,12 +412,15 @@ def mmdit_targets(path: str, out_features: int, in_features: Optional[int] = Non
     targets = _MMDIT_BLOCK.get(sub)
     if targets is None:
         return None
-    if sub == "context_block.adaLN_modulation.1" and (in_features is None or out_features != 6 * in_features):
-        return None
     block = f"transformer.transformer_blocks.{i}"
+    if sub == "context_block.adaLN_modulation.1":
+        if in_features and out_features == 2 * in_features:           # pre-only: shift, scale
+            return [(f"{block}.{targets[0]}", swapped_halves(out_features))]
+        if in_features is None or out_features != 6 * in_features:
+            return None
     if len(targets) == 1:
-        return [(f"{block}.{targets[0]}", 0, out_features)]
+        return [(f"{block}.{targets[0]}", None)]
     if out_features % 3:
         return None
     h = out_features // 3
-    return [(f"{block}.{t}", j * h, (j + 1) * h) for j, t in enumerate(targets)]
+    return [(f"{block}.{t}", ((j * h, (j + 1) * h),)) for j, t in enumerate(targets)]

@@ -28,6 +28,18 @@ def _hist(values) -> Dict[str, int]:
 
 
 
+def _alpha_of(m):
+    """The file's alpha where it has one (GLoRA's alpha is not scale × rank: its rank is the exact
+    factors' 2r); else the alpha a LoRA's scale implies (PEFT ``lora_alpha``: scale × rank); None for
+    base-dependent modules without one (their rank is the dense update's)."""
+    a = getattr(m, "alpha", None)
+    if a is not None:
+        return _num(a)
+    if getattr(m, "adapter", "lora") in ("lora", "loha", "lokr"):
+        return _num(m.scale * m.rank)
+    return None
+
+
 def _adapter(m) -> str:
     """lora / dora / loha / lokr / diff / oft / boft / glora, and "<type>+dora" for DoRA on LyCORIS."""
     fam = m.group.family if m.group.family in ("loha", "lokr", "diff", "oft", "boft", "glora") else "lora"
@@ -71,7 +83,7 @@ def _plan_of_file(path: str, base=None):
     mods = [SimpleNamespace(key=m.key, kind=m.kind, rank=m.rank, scale=m.scale, kernel_size=m.kernel_size,
                             dtype=short_name(m.dtype), out_features=m.out_features,
                             in_features=m.in_features,
-                            adapter=_adapter(m))
+                            adapter=_adapter(m), alpha=m.alpha)
             for m in p.modules.values()]
     return SimpleNamespace(modules=mods, format=p.format, base_model=p.base_model, layout=p.layout,
                            metadata=p.metadata, source=path)
@@ -88,7 +100,7 @@ def describe(lora: Union["Lora", str, "os.PathLike[str]"], base=None) -> Dict[st
     else:
         mods = list(lora)
     ranks = [m.rank for m in mods]
-    alphas = [_num(m.scale * m.rank) for m in mods]
+    alphas = [a for a in map(_alpha_of, mods) if a is not None]
     scales = [_num(m.scale) for m in mods]
     dtypes = Counter(m.dtype if isinstance(m.dtype, str) else short_name(m.dtype)
                      for m in mods)

@@ -1,7 +1,12 @@
 """Module names as written in files -> canonical keys (``<component>.<diffusers path>``).
 
 Each function returns a :class:`Mapped`: the canonical key, the format label the name belongs to,
-layout hints for writers, and for kohya/BFL Flux fused modules the row ranges of the split.
+layout hints for writers, and for fused modules (kohya/BFL Flux, SD3 qkv) or modules whose halves
+diffusers swaps (``final_layer.adaLN_modulation.1`` -> ``norm_out.linear``) the rows of the up factor
+each target takes (:data:`canonical.Rows`: ordered ranges).
+
+``hint`` ("flux" / "sd3" / None, :func:`canonical.file_hint` of the whole file) decides the models'
+modules outside the blocks, whose names alone could belong to another model.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ COMFY_TE = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 
 @dataclass
 class Mapped:
-    targets: List[Tuple[str, Optional[Tuple[int, int]]]]   # (canonical key, up-row range or None)
+    targets: List[Tuple[str, align.Rows]]   # (canonical key, its rows of the up factor or None: all)
     format: str
     layout: Dict[str, str] = field(default_factory=dict)
     base_hint: Optional[str] = None
@@ -41,7 +46,7 @@ def _one(key: str, fmt: str, layout=None, base=None) -> Mapped:
 
 
 def _split(t, out_features: int, fmt: str, layout, base: Optional[str]) -> Mapped:
-    return Mapped([(k, (a, b) if (a, b) != (0, out_features) else None) for k, a, b in t], fmt, layout, base)
+    return Mapped([(k, rows if rows != ((0, out_features),) else None) for k, rows in t], fmt, layout, base)
 
 
 def _split_flux(path: str, out_features: int, fmt: str, layout) -> Optional[Mapped]:
@@ -52,8 +57,12 @@ def _split_flux(path: str, out_features: int, fmt: str, layout) -> Optional[Mapp
 
 
 def _unet_like(path: str, fmt: str, layout, out_features: int, component_hint: str = "unet",
-               in_features: Optional[int] = None) -> Mapped:
+               in_features: Optional[int] = None, hint: Optional[str] = None) -> Mapped:
     """A diffusion-model path in SGM, BFL-Flux, SD3-MMDiT or diffusers naming."""
+    top = align.dit_top_targets(path, out_features, in_features, hint)
+    if top is not None:
+        names = "bfl" if hint == "flux" else "mmdit"
+        return _split(top, out_features, fmt, dict(layout, transformer_names=names), hint)
     if align.is_flux_path(path):
         m = _split_flux(path, out_features, fmt, layout)
         if m is not None:
@@ -74,7 +83,8 @@ def _unet_like(path: str, fmt: str, layout, out_features: int, component_hint: s
     return _one(f"diffusion_model.{path}", fmt, layout)
 
 
-def kohya_name(name: str, out_features: int, in_features: Optional[int] = None) -> Optional[Mapped]:
+def kohya_name(name: str, out_features: int, in_features: Optional[int] = None,
+               hint: Optional[str] = None) -> Optional[Mapped]:
     """``lora_unet_…`` / ``lora_te1_…`` -> canonical; None when the name has no kohya prefix."""
     for prefix, comp in KOHYA_PREFIXES:
         if name.startswith(prefix):
@@ -84,8 +94,10 @@ def kohya_name(name: str, out_features: int, in_features: Optional[int] = None) 
                 layout["te_prefix_" + comp] = prefix[:-1]
                 return _one(align.canonical(comp, align.kohya_path(flat)), "kohya", layout)
             path = align.kohya_path(flat)
-            if comp == "unet" or (comp == "transformer" and (align.is_flux_path(path) or align.is_mmdit_path(path))):
-                return _unet_like(path, "kohya", layout, out_features, in_features=in_features)
+            if comp == "unet" or (comp == "transformer" and (align.is_flux_path(path) or align.is_mmdit_path(path)
+                                                              or align.dit_top_targets(path, out_features, in_features,
+                                                                                       hint))):
+                return _unet_like(path, "kohya", layout, out_features, in_features=in_features, hint=hint)
             return _one(f"{comp}.{path}", "kohya", layout)
     return None
 
@@ -109,7 +121,8 @@ def old_diffusers_name(name: str) -> str:
     return ".".join(parts)
 
 
-def dotted_name(name: str, family: str, out_features: int, in_features: Optional[int] = None) -> Mapped:
+def dotted_name(name: str, family: str, out_features: int, in_features: Optional[int] = None,
+                hint: Optional[str] = None) -> Mapped:
     """Dotted names: diffusers (``unet.``, ``text_encoder.``, ``transformer.``), PEFT
     (``base_model.model.``), ComfyUI (``diffusion_model.``, ``text_encoders.``), old diffusers."""
     fmt_ab = "diffusers"
@@ -126,8 +139,9 @@ def dotted_name(name: str, family: str, out_features: int, in_features: Optional
             comp, path = rest.split(".", 1)
             layout["peft_components"] = "prefixed"
             return _one(align.canonical(comp, path), "peft", layout)
-        if rest.startswith(_UNET_HEADS) or align.is_sgm_path(rest) or align.is_mmdit_path(rest):
-            m = _unet_like(rest, "peft", layout, out_features, in_features=in_features)
+        if rest.startswith(_UNET_HEADS) or align.is_sgm_path(rest) or align.is_mmdit_path(rest) \
+                or align.dit_top_targets(rest, out_features, in_features, hint):
+            m = _unet_like(rest, "peft", layout, out_features, in_features=in_features, hint=hint)
             m.layout["peft_components"] = "unet"
             return m
         if rest.startswith(_DIT_HEADS):
@@ -137,7 +151,7 @@ def dotted_name(name: str, family: str, out_features: int, in_features: Optional
     if name.startswith("diffusion_model."):
         path = name[len("diffusion_model."):]
         return _unet_like(path, "comfy", {"format": "kohya", "comfy_names": "1"}, out_features,
-                          in_features=in_features)
+                          in_features=in_features, hint=hint)
     if name.startswith("text_encoders."):
         rest = name[len("text_encoders."):]
         enc, _, path = rest.partition(".")
@@ -151,7 +165,8 @@ def dotted_name(name: str, family: str, out_features: int, in_features: Optional
     layout = {"format": "diffusers" if fmt_ab != "comfy" else "kohya"}
     if head in DOTTED_COMPONENTS and path:
         if head == "unet" or head == "transformer":
-            return _unet_like(path, fmt_ab, layout, out_features, component_hint=head, in_features=in_features)
+            return _unet_like(path, fmt_ab, layout, out_features, component_hint=head, in_features=in_features,
+                              hint=hint)
         return _one(align.canonical(head, path), fmt_ab, layout)
     if name.startswith(_UNET_HEADS):            # oldest diffusers files: UNet keys without a prefix
         return _unet_like(name, fmt_ab, layout, out_features)
@@ -178,24 +193,26 @@ def xlabs_name(name: str, out_features: int) -> Mapped:
     block = f"transformer.single_transformer_blocks.{i}"
     if sub == "qkv_lora" and out_features % 3 == 0:
         h = out_features // 3
-        return Mapped([(f"{block}.attn.to_{x}", (j * h, (j + 1) * h)) for j, x in enumerate("qkv")], "xlabs",
+        return Mapped([(f"{block}.attn.to_{x}", ((j * h, (j + 1) * h),)) for j, x in enumerate("qkv")], "xlabs",
                       dict(layout, transformer_names="bfl"), "flux")
     if sub == "proj_lora":
         return _one(f"{block}.proj_out", "xlabs", dict(layout, transformer_names="bfl"), "flux")
     return _one(f"diffusion_model.{kind}.{i}.{sub}", "xlabs", layout, "flux")
 
 
-def map_name(name: str, family: str, out_features: int, in_features: Optional[int] = None) -> Mapped:
-    """``in_features`` (optional) tells SD3's pre-only context modulation (2 chunks) from the others."""
+def map_name(name: str, family: str, out_features: int, in_features: Optional[int] = None,
+             hint: Optional[str] = None) -> Mapped:
+    """``in_features`` (optional) tells SD3's pre-only context modulation (2 chunks) from the others;
+    ``hint``: the file's :func:`canonical.file_hint` (Flux's / SD3's modules outside the blocks)."""
     if family == "xlabs":
         return xlabs_name(name, out_features)
     if "." not in name or name.startswith(tuple(p for p, _ in KOHYA_PREFIXES)):
-        m = kohya_name(name, out_features, in_features)
+        m = kohya_name(name, out_features, in_features, hint)
         if m is not None:
             if family == "ab":             # kohya names with lora_A/B (seen from some trainers)
                 m.format = "kohya"
             return m
-    return dotted_name(name, family, out_features, in_features)
+    return dotted_name(name, family, out_features, in_features, hint)
 
 
 def peft_relative_path(name: str) -> str:

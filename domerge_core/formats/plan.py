@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import LoraFormatError, UnsupportedFormatError
 from . import lycoris, lycoris_base, peft_adapters
-from .canonical import PIPELINE_COMPONENTS
+from .canonical import PIPELINE_COMPONENTS, Rows, file_hint, rows_count
 from .dtypes import FLOAT_CODES
 from .keys import ModuleKeys, group_keys
 from .names import Mapped, map_name, peft_relative_path
@@ -425,35 +425,46 @@ class ModulePlan:
     scale: float
     kernel_size: Optional[Tuple[int, ...]]
     group: ModuleKeys                     # the file's keys of this module
-    rows: Optional[Tuple[int, int]]       # up-row range (a split of a fused module) or None
+    rows: Rows                            # its rows of the file's up factor (canonical.Rows) or None: all
     dtype: str                            # safetensors dtype name of the factors
     lora_scale: Optional[float] = None    # DoRA: the LoRA's own scale (``scale`` is then 1: dense ΔW)
     oft_alpha: Optional[float] = None     # OFT/BOFT (dense ΔW from the base weight): constraint alpha (0: none)
     peft: Optional[peft_adapters.PeftSpec] = None   # PEFT DoRA / OFT / BOFT (dense ΔW from the base weight)
+    alpha: Optional[float] = None         # the file's ``.alpha`` value, if it has one (inspect shows it)
+    fused_rows: Optional[int] = None      # a part of a fused module: the fused weight's row count
 
 
 def _base_weight_shape(src: TensorSource, g: ModuleKeys, mapped: Mapped, base_shape, what: str,
-                       key: str) -> Tuple[int, ...]:
+                       key: str, fused_ok: bool = False) -> Tuple[int, ...]:
     """The shape of the base weight a base-dependent module (OFT/BOFT/GLoRA, PEFT OFT/BOFT) patches,
-    from the base's header when ``base_shape`` reads one: a clear error naming the file and key otherwise."""
-    if len(mapped.targets) != 1 or mapped.targets[0][1] is not None:
+    from the base's header when ``base_shape`` reads one: a clear error naming the file and key otherwise.
+    A fused module (``fused_ok``: several targets, or rows in another order) patches its parts' base
+    rows stacked back in the file's row order, each part asked for by its canonical key."""
+    fused = len(mapped.targets) != 1 or mapped.targets[0][1] is not None
+    if fused and not fused_ok:
         raise UnsupportedFormatError(f"{what} on a fused module (split into several) is not supported",
                                      file=src.label, key=key)
-    shape = base_shape(mapped.targets[0][0], g.name) if base_shape else None
-    if shape is None:
-        raise LoraFormatError(f"{what} module: its base weight was not found in the given base model",
-                              file=src.label, key=key)
-    shape = tuple(int(x) for x in shape)
-    if len(shape) not in (2, 4):
-        raise LoraFormatError(f"{what} module: the base weight has shape {list(shape)}, not a linear or conv "
-                              f"weight", file=src.label, key=key)
-    return shape
+    shapes = []
+    for k, rows in mapped.targets:
+        shape = base_shape(k, k if fused else g.name) if base_shape else None
+        if shape is None:
+            raise LoraFormatError(f"{what} module: its base weight{f' ({k})' if fused else ''} was not found in "
+                                  f"the given base model", file=src.label, key=key)
+        shape = tuple(int(x) for x in shape)
+        if len(shape) not in (2, 4):
+            raise LoraFormatError(f"{what} module: the base weight has shape {list(shape)}, not a linear or "
+                                  f"conv weight", file=src.label, key=key)
+        if fused and (shape[0] != rows_count(rows, shape[0]) or (shapes and shape[1:] != shapes[0][1:])):
+            raise LoraFormatError(f"{what} module: the base weight of {k} has shape {list(shape)}, which does "
+                                  f"not fit its rows of the fused module", file=src.label, key=key)
+        shapes.append(shape)
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
 
 
 def _base_geometry(src: TensorSource, g: ModuleKeys, mapped: Mapped, base_shape) -> "lycoris_base.BaseGeometry":
     """An OFT / BOFT / GLoRA module checked against its base weight's shape."""
     key = g.keys.get("oft_blocks") or g.keys["a1"]
-    shape = _base_weight_shape(src, g, mapped, base_shape, lycoris.NAMES[g.family], key)
+    shape = _base_weight_shape(src, g, mapped, base_shape, lycoris.NAMES[g.family], key, fused_ok=True)
     scalar = src.scalar or (lambda k: float(src.get(k).reshape(()).double()))
     return lycoris_base.geometry(src, g, shape, scalar)
 
@@ -483,6 +494,7 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
     rotations = {k: peft_adapters.RotationConfig.from_config(v, labels.get(k, src.label))
                  for k, v in cfgs.items() if peft_adapters.rotation_type(v)}
     scales = {k: PeftScale(v, labels.get(k, src.label)) for k, v in cfgs.items() if k not in rotations}
+    hint = file_hint(g.name for g in groups)   # Flux / SD3: their modules outside the blocks get diffusers names
     modules: Dict[str, ModulePlan] = {}
     formats: Counter = Counter()
     layout: Dict[str, str] = {}
@@ -497,7 +509,7 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
         if rot_fam:           # PEFT OFT / BOFT: the geometry is the base weight's
             for k in g.keys.values():
                 _check_float(src, k)
-            mapped = map_name(g.name, "ab", 0)
+            mapped = map_name(g.name, "ab", 0, hint=hint)
             shape = _base_weight_shape(src, g, mapped, base_shape, peft_adapters.NAMES[g.family],
                                        next(iter(g.keys.values())))
             comp = mapped.targets[0][0].split(".", 1)[0]
@@ -516,7 +528,7 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
         else:
             out_f, in_f, rank, kernel = _module_geometry(src, g)
         if not rot_fam:
-            mapped = map_name(g.name, "down_up" if lyco else g.family, out_f, in_f)
+            mapped = map_name(g.name, "down_up" if lyco else g.family, out_f, in_f, hint)
         oft_alpha = None
         if based:                     # dense ΔW (OFT/BOFT) or exact factors (GLoRA) from the base weight
             bg = _base_geometry(src, g, mapped, base_shape)
@@ -529,12 +541,16 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             layout.setdefault(k, v)
         if mapped.base_hint:
             bases[mapped.base_hint] += 1
+        alpha = None              # the file's alpha value (OFT/BOFT: their norm constraint), for inspect
+        if "alpha" in g.keys and not rot_fam:
+            alpha = oft_alpha if g.family in ("oft", "boft") else \
+                _alpha(src, g.keys["alpha"]) if (not lyco or divisor) else None
         if rot_fam:
             scale = 1.0
         elif lyco:     # ComfyUI's rules: alpha / (inner size of a stored factor pair), else 1 (OFT, diff: 1)
-            scale = _alpha(src, g.keys["alpha"]) / divisor if "alpha" in g.keys and divisor else 1.0
-        elif "alpha" in g.keys:
-            scale = _alpha(src, g.keys["alpha"]) / rank
+            scale = alpha / divisor if alpha is not None and divisor else 1.0
+        elif alpha is not None:
+            scale = alpha / rank
         elif g.family in ("ab", "old") and scales:     # old attention-processor names too: diffusers
             comp = mapped.targets[0][0].split(".", 1)[0]  # renames them to lora_A/B and applies the config
             rule = scales.get(comp) or scales.get("")
@@ -572,15 +588,17 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             lora_scale = oft_alpha if g.family in ("oft", "boft") else scale
             scale, rank = 1.0, min(out_f, in_f)
         for key, rows in mapped.targets:
-            if lora_scale is not None and rows is not None:
-                rank = min(rows[1] - rows[0], in_f)
+            part_rank = rank
+            if rows is not None and (lora_scale is not None or based):   # its rows of the fused update
+                part_rank = min(rank, rows_count(rows, out_f), in_f)
             if key in modules:
                 raise LoraFormatError(f"two entries map to the same module {key!r}", file=src.label,
-                                      key=g.keys["down"])
+                                      key=g.keys.get("down") or next(iter(g.keys.values())))
             modules[key] = ModulePlan(key=key, kind="conv" if kernel else "linear",
-                                      out_features=rows[1] - rows[0] if rows else out_f, in_features=in_f,
-                                      rank=rank, scale=scale, kernel_size=kernel, group=g, rows=rows, dtype=dt,
-                                      lora_scale=lora_scale, oft_alpha=oft_alpha, peft=peft_spec)
+                                      out_features=rows_count(rows, out_f), in_features=in_f,
+                                      rank=part_rank, scale=scale, kernel_size=kernel, group=g, rows=rows, dtype=dt,
+                                      lora_scale=lora_scale, oft_alpha=oft_alpha, peft=peft_spec, alpha=alpha,
+                                      fused_rows=out_f if rows is not None else None)
     if formats.get("diffusers") and formats.get("diffusers_old"):
         # diffusers files written for ComfyUI too keep the UNet in attention-processor names
         formats["diffusers"] += formats.pop("diffusers_old")
@@ -614,6 +632,35 @@ def guess_base_model(metadata: Mapping[str, str], layout: Mapping[str, str], in_
         return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(c)
     if any(k.startswith("transformer.single_transformer_blocks.") for k in keys):
         return "flux"
+    if _is_sd3(keys):
+        return "sd3"
     if any(k.startswith("model.") for k in keys):
         return "llm"
     return None
+
+
+_JOINT = re.compile(r"^transformer\.transformer_blocks\.(\d+)\.(attn\.add_[qkv]_proj|attn\.to_add_out|ff_context\.|"
+                    r"norm1_context\.|attn2\.|attn\.to_q$)")
+
+
+def _is_sd3(in_features: Mapping[str, int]) -> bool:
+    """A diffusers-named SD3/SD3.5 transformer (no Flux single blocks): joint-attention blocks
+    (``add_q_proj``, ``to_add_out``, ``ff_context``, ``norm1_context``) and SD3 evidence: SD3.5's
+    ``attn2`` in a joint block, SD3's ``pos_embed.proj``, or a hidden width of 64 per block (SD3's
+    rule: 24 blocks of 1536, SD3.5-large 38 of 2432; Flux has 19 double blocks of 3072, Qwen-Image 60
+    of 3072, HunyuanVideo 20 of 3072)."""
+    blocks, joint, attn2, width = set(), False, False, set()
+    for k, n in in_features.items():
+        m = _JOINT.match(k)
+        if not m:
+            continue
+        blocks.add(int(m.group(1)))
+        sub = m.group(2)
+        attn2 |= sub.startswith("attn2.")
+        joint |= not sub.startswith(("attn2.", "attn.to_q"))
+        if sub in ("attn.to_q", "attn.add_q_proj"):
+            width.add(n)
+    if not joint:
+        return False
+    depth = max(blocks) + 1
+    return attn2 or "transformer.pos_embed.proj" in in_features or width == {64 * depth}

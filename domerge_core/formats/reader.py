@@ -11,6 +11,7 @@ import torch
 from ..errors import LoraFormatError
 from ..lora import Lora, LoraModule
 from . import lycoris, lycoris_base
+from .canonical import Rows, stack_rows, take_rows
 from .dtypes import torch_dtype
 from .keys import ModuleKeys
 from .plan import ModulePlan, PeftScale, TensorSource, plan_modules, read_adapter_config  # noqa: F401
@@ -23,19 +24,17 @@ def _finite(t: torch.Tensor, src: TensorSource, key: str) -> torch.Tensor:
     return t
 
 
-def _lycoris_loader(src: TensorSource, g: ModuleKeys, rows: Optional[Tuple[int, int]]):
+def _lycoris_loader(src: TensorSource, g: ModuleKeys, rows: Rows):
     roles = {r: k for r, k in g.keys.items() if r != "alpha"}
 
     def load():
         up, down = lycoris.factors(lambda role: _finite(src.get(roles[role]), src, roles[role]), g.family, roles)
-        if rows is not None:
-            up = up[rows[0]:rows[1]]
-        return up, down
+        return take_rows(up, rows), down
 
     return load
 
 
-def _loader(src: TensorSource, g: ModuleKeys, out_f: int, rows: Optional[Tuple[int, int]]):
+def _loader(src: TensorSource, g: ModuleKeys, out_f: int, rows: Rows):
     if g.family in lycoris.FAMILIES:
         return _lycoris_loader(src, g, rows)
     up_k, down_k, mid_k = g.keys["up"], g.keys["down"], g.keys.get("mid")
@@ -51,9 +50,7 @@ def _loader(src: TensorSource, g: ModuleKeys, out_f: int, rows: Optional[Tuple[i
             down = a.reshape(a.shape[0], -1)
         else:
             down = down.reshape(down.shape[0], -1)
-        if rows is not None:
-            up = up[rows[0]:rows[1]]
-        return up, down
+        return take_rows(up, rows), down
 
     return load
 
@@ -99,25 +96,36 @@ def _shaped_base(base: BaseFn, p: ModulePlan, src: TensorSource, key: str, kind:
     return w.reshape(shape)
 
 
+def _fused_base(base: BaseFn, p: ModulePlan, parts: Optional[list], src: TensorSource, key: str,
+                kind: str) -> torch.Tensor:
+    """The base weight the file's module patches: its own, or for the parts of a fused module (kohya
+    Flux ``img_attn_qkv``, SD3 ``attn.qkv``, ``final_layer.adaLN_modulation.1`` whose halves diffusers
+    swaps) the parts' base weights — each asked for by its canonical key — put back at their rows."""
+    if not parts:
+        return _shaped_base(base, p, src, key, kind)
+    ws = [(q.rows, _shaped_base(base, q, src, key, kind)) for q in parts]
+    try:
+        return stack_rows(ws, p.fused_rows, f"{kind} module {p.group.name!r}")
+    except ValueError as e:
+        raise LoraFormatError(str(e), file=src.label, key=key) from None
+
+
 def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn, parts: Optional[list] = None,
-                 shared: Optional["_DoraShared"] = None):
+                 shared: Optional["_Shared"] = None):
     """DoRA as ComfyUI applies it (``weight_decompose``) on any adapter's update D(W) (LoRA, LoHa,
     LoKr, GLoRA, OFT, BOFT): with a = ``p.lora_scale`` (the alpha ComfyUI passes: the adapter's scale, or
     OFT/BOFT's constraint), W' = (W + a·D) · m / ‖W + a·D‖ (per input column; per output row with ‖W‖
     when ``dora_scale`` has one value per output), ΔW = W' − W — dense, from the base weight, written
     exactly as (ΔW, I) / (I, ΔW).
 
-    A fused module split into several (``parts``: the ModulePlans of its row ranges, in order; kohya
-    Flux ``img_attn_qkv``, SD3 ``attn.qkv``) is decomposed whole, as ComfyUI does on the fused weight:
-    W is the parts' base rows stacked, and each part takes its rows of the one ΔW (computed once)."""
+    A fused module (``parts``: the ModulePlans of its rows) is decomposed whole, as ComfyUI does on the
+    fused weight: W is the parts' base rows stacked back (:func:`_fused_base`), and each part takes
+    its rows of the one ΔW (computed once, ``shared``)."""
     update = _update_fn(src, p)
     dk = p.group.keys["dora_scale"]
 
     def whole():
-        if parts:
-            w = torch.cat([_shaped_base(base, q, src, dk, "DoRA") for q in parts])
-        else:
-            w = _shaped_base(base, p, src, dk, "DoRA")
+        w = _fused_base(base, p, parts, src, dk, "DoRA")
         shape = tuple(w.shape)
         eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0
         W = w.to(torch.float64)
@@ -138,43 +146,41 @@ def _dora_loader(src: TensorSource, p: ModulePlan, base: BaseFn, parts: Optional
 
     def load():
         if parts:
-            dW = shared.take()
-            if dW is None:
-                dW = shared.put(whole())
-            return lycoris._capped_dense(dW[p.rows[0]:p.rows[1]])
+            return lycoris._capped_dense(take_rows(shared.get(whole), p.rows))
         return lycoris._capped_dense(whole())
 
     return load
 
 
-class _DoraShared:
-    """The fused ΔW of a split DoRA module, kept until each of its ``n`` parts has taken its rows."""
+class _Shared:
+    """The update of a fused module computed once (on the fused base weight) and kept until each of
+    its ``n`` parts has taken its rows."""
 
     def __init__(self, n: int):
-        self.n, self.left, self.dW = n, 0, None
+        self.n, self.left, self.value = n, 0, None
 
-    def take(self):
-        dW = self.dW
-        if dW is not None:
-            self.left -= 1
-            if self.left <= 0:
-                self.dW = None
-        return dW
-
-    def put(self, dW):
-        self.dW, self.left = dW, self.n - 1
-        if self.left <= 0:
-            self.dW = None
-        return dW
+    def get(self, compute):
+        value = self.value
+        if value is None:
+            value, self.left = compute(), self.n
+        self.left -= 1
+        self.value = value if self.left > 0 else None
+        return value
 
 
-def _base_loader(src: TensorSource, p: ModulePlan, base: BaseFn):
-    """OFT / BOFT / GLoRA without DoRA: the update against the base weight (exact factors)."""
+def _base_loader(src: TensorSource, p: ModulePlan, base: BaseFn, parts: Optional[list] = None,
+                 shared: Optional[_Shared] = None):
+    """OFT / BOFT / GLoRA without DoRA: the update against the base weight (exact factors). A fused
+    module's update is computed once on its parts' base rows stacked back; each part takes its rows of
+    the up factor (down is shared), capped to exact factors of its own size."""
     update = _update_fn(src, p)
     kind = lycoris.NAMES[p.group.family]
     key = p.group.keys.get("oft_blocks") or p.group.keys["a1"]
 
     def load():
+        if parts:
+            up, down = shared.get(lambda: update(_fused_base(base, p, parts, src, key, kind)))
+            return lycoris._capped(take_rows(up, p.rows), down)
         return update(_shaped_base(base, p, src, key, kind))
 
     return load
@@ -195,20 +201,21 @@ def build_lora(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, 
     plan = plan_modules(src, metadata, adapter_config=adapter_config, allow_dora=base is not None,
                         base_shape=base_shape)
     modules = {}
-    fused: dict = {}          # a split DoRA module's parts share one decomposition of the fused weight
+    fused: dict = {}          # the parts of a fused base-dependent module share one update of the fused weight
     for p in plan.modules.values():
-        if p.lora_scale is not None and p.rows is not None:
+        if p.rows is not None and p.peft is None and (p.lora_scale is not None or
+                                                      p.group.family in lycoris_base.FAMILIES):
             fused.setdefault(p.group.name, []).append(p)
-    shared = {name: _DoraShared(len(ps)) for name, ps in fused.items()}
+    shared = {name: _Shared(len(ps)) for name, ps in fused.items()}
     for key, p in plan.modules.items():
+        parts = fused.get(p.group.name) if p.rows is not None else None
         if p.peft is not None:
             from .peft_adapters import make_loader
             loader = make_loader(src, p, base)
         elif p.lora_scale is not None:
-            parts = sorted(fused[p.group.name], key=lambda q: q.rows) if p.rows is not None else None
             loader = _dora_loader(src, p, base, parts, shared.get(p.group.name))
         elif p.group.family in lycoris_base.FAMILIES:
-            loader = _base_loader(src, p, base)
+            loader = _base_loader(src, p, base, parts, shared.get(p.group.name))
         else:
             loader = _loader(src, p.group, p.out_features, p.rows)
         modules[key] = LoraModule(key=key, kind=p.kind, out_features=p.out_features, in_features=p.in_features,
