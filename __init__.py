@@ -12,6 +12,11 @@ if _here not in sys.path:
     # appended, not prepended: this folder's nodes/ must not shadow ComfyUI's own nodes.py
     sys.path.append(_here)
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+if __package__:           # ComfyUI (and pytest in a folder named like a Python package) import it as one
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+else:
+    # loaded as a loose module: pytest does that with this file when the checkout's folder name is not
+    # a Python identifier (``git clone … comfyui-domerge``); the same node classes, pip-installed name
+    from domerge_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
