@@ -128,13 +128,16 @@ def load_stack(batch: Sequence[ModuleJob], dtype, device) -> Tuple[Tensor, Tenso
     B = torch.empty(N, m, R, dtype=dtype, device=device)
     A = torch.empty(N, R, n, dtype=dtype, device=device)
     scales = torch.empty(N, R, dtype=dtype)
+    unit = True
     for j, job in enumerate(batch):
         for (_, mod), (o, r) in zip(job.active, blocks(ranks)):
             up, down = mod.loader()
             B[j, :, o:o + r].copy_(up.reshape(m, r))
             A[j, o:o + r, :].copy_(down.reshape(r, n))
             scales[j, o:o + r] = float(mod.scale)
-    B.mul_(scales.to(device).unsqueeze(-2))
+            unit = unit and float(mod.scale) == 1.0
+    if not unit:               # alpha = rank (scale 1, the common case): ×1 is exact, skip the pass
+        B.mul_(scales.to(device).unsqueeze(-2))
     return B, A, ranks
 
 
