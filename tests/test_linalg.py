@@ -96,3 +96,26 @@ def test_balanced_keeps_input_rank_when_rank_exceeds_a_dimension():
         assert torch.allclose(b.mT @ b, a @ a.mT, atol=1e-9 * float(D.norm()))
         k = min(m, n)
         assert float(b[..., k:].abs().max()) == 0.0 and float(a[..., k:, :].abs().max()) == 0.0
+
+
+def test_pair_products_give_task_and_merged_column_norms():
+    """decouple.pair_products: α_t = √Q_tt and the column norms of Σ_t B_t A_t diag(c_t) from
+    Σ_st c_s c_t Q_st, against the dense products (unequal ranks, a zero column)."""
+    from domerge_core.algebra import decouple as D
+    ranks = [3, 5, 2]
+    B, A = rnd(2, 17, 10, seed=11), rnd(2, 10, 13, seed=12)
+    A[..., 4] = 0.0
+    Q = D.pair_products(B.mT @ B, A, ranks)
+    assert Q.shape == (2, 3, 3, 13) and torch.equal(Q, Q.transpose(-3, -2))
+    parts = [B[..., o:o + r] @ A[..., o:o + r, :] for o, r in L.blocks(ranks)]
+    alpha = torch.stack([p.norm(dim=-2) for p in parts], -2)
+    assert torch.allclose(D.magnitudes_from_pairs(Q), alpha, rtol=1e-12, atol=1e-12)
+    c = rnd(2, 3, 13, seed=13)
+    merged = sum(p * c[..., t, :].unsqueeze(-2) for t, p in enumerate(parts))
+    assert torch.allclose(D.combined_col_norms(Q, c), merged.norm(dim=-2), rtol=1e-12, atol=1e-12)
+    w = torch.tensor([[1.0, -0.5, 0.25]], dtype=A.dtype).expand(2, 3)
+    down = D.direction_down(A, alpha, ranks, w)
+    direct = D.recombine_scale(B, down, alpha[..., 0, :], "v2", 0.7)
+    fast = D.recombine_scale(None, down, alpha[..., 0, :], "v2", 0.7,
+                             norms=D.combined_col_norms(Q, D.direction_coefficients(alpha, w)))
+    assert torch.allclose(fast, direct, rtol=1e-12, atol=1e-12)

@@ -14,6 +14,10 @@ is written in ``--dir`` (page cache warm for every contestant alike: each reads 
 
     python benchmarks/speed/io_floor.py                        # do and ta, 3 rounds
     python benchmarks/speed/io_floor.py --methods do --rounds 5
+
+``--baseline DIR`` adds ``<method>@base`` contestants: the same command run from another checkout
+of the code (e.g. ``git -C . archive main domerge_core | tar -x -C /tmp/domerge_main``), in the
+same alternating rounds, for a side-by-side before/after.
 """
 from __future__ import annotations
 
@@ -40,12 +44,12 @@ save_file(out, sys.argv[1])
 """
 
 
-def timed(cmd, env):
+def timed(cmd, env, cwd=None):
     """(wall, CPU) seconds of one whole process; CPU = user + system of the child, which a busy
     machine inflates far less than the wall time."""
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, cwd=cwd)
     wall = time.perf_counter() - t
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
@@ -57,21 +61,26 @@ def main() -> None:
     ap.add_argument("--methods", default="do,ta")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="another checkout (a folder holding domerge_core/) to time beside this one")
     a = ap.parse_args()
     from benchmarks.synthetic import write_set
 
-    paths = write_set(a.dir, model="sdxl", count=3, rank=32, te=True, conv_rank=8)
+    paths = [os.path.abspath(p) for p in write_set(a.dir, model="sdxl", count=3, rank=32, te=True, conv_rank=8)]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
                DOMERGE_THREADS=str(a.threads))
-    out = os.path.join(a.dir, "io_floor_out.safetensors")
+    out = os.path.abspath(os.path.join(a.dir, "io_floor_out.safetensors"))
     domerge = [sys.executable, "-m", "domerge_core"]
-    cmds = {"floor": [sys.executable, "-c", FLOOR, out, *paths]}
+    cmds = {"floor": ([sys.executable, "-c", FLOOR, out, *paths], None)}
     for m in a.methods.split(","):
-        cmds[m] = [*domerge, "merge", *paths, "-o", out, "--method", m, "--overwrite"]
+        # run from the checkout's root: ``-m domerge_core`` imports the code there
+        cmds[m] = ([*domerge, "merge", *paths, "-o", out, "--method", m, "--overwrite"], ROOT)
+        if a.baseline:
+            cmds[m + "@base"] = (cmds[m][0], os.path.abspath(a.baseline))
     times = {k: [] for k in cmds}
     for _ in range(a.rounds):
-        for k, cmd in cmds.items():
-            times[k].append(timed(cmd, env))
+        for k, (cmd, cwd) in cmds.items():
+            times[k].append(timed(cmd, env, cwd))
     size = sum(os.path.getsize(p) for p in paths) / 1e6
     print(f"three SDXL LoRAs r32 + TE + LoCon 8 ({size:.0f} MB in), {a.threads} thread(s), "
           f"median of {a.rounds} rounds")
@@ -80,7 +89,7 @@ def main() -> None:
     for k, ts in times.items():
         w = statistics.median(t[0] for t in ts)
         c = statistics.median(t[1] for t in ts)
-        print(f"  {k:8s} wall {w:6.2f} s = {w / fw:4.2f}x   CPU {c:6.2f} s = {c / fc:4.2f}x the I/O floor   "
+        print(f"  {k:9s} wall {w:6.2f} s = {w / fw:4.2f}x   CPU {c:6.2f} s = {c / fc:4.2f}x the I/O floor   "
               f"(wall runs: {', '.join(f'{t[0]:.2f}' for t in ts)})")
 
 

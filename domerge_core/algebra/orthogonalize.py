@@ -314,7 +314,7 @@ def descend_gram(G: Tensor, ranks: Sequence[int], opts: OrthOptions) -> Tuple[Te
     c1 = 1.0 - 2.0 * gamma * step                 # (…, 1, 1)
     c2 = 2.0 * gamma * step
     W = off * (2.0 * step)                         # per-module scaled cross-block mask
-    P = None
+    P = H = None
     L, info = torch.linalg.cholesky_ex(G0 + 0.0 * eye) if G0.device.type != "mps" else (None, None)
     if L is not None and not bool((info != 0).any()):
         d = torch.diagonal(L, dim1=-2, dim2=-1)
@@ -324,18 +324,27 @@ def descend_gram(G: Tensor, ranks: Sequence[int], opts: OrthOptions) -> Tuple[Te
             # Y route: rows Y with Y⁰ = L (YYᵀ = G⁰), 2 products per step; P = Y L⁻¹ at the end.
             Y0c = c2 * L
             Y = L.clone()
-            for _ in range(int(opts.steps)):
-                Gy = Y @ mT(Y)
-                Y = torch.baddbmm(c1 * Y + Y0c, Gy * W, Y, alpha=-1.0) if Y.dim() == 3 else \
-                    c1 * Y + Y0c - (Gy * W) @ Y
+            if Y.dim() == 3:
+                # the same step with its R×R work in two preallocated buffers and one fused
+                # elementwise op (c1·Y + c2·Y⁰): the two products dominate, the rest was
+                # allocations and extra passes
+                Yn, Gy = torch.empty_like(Y), torch.empty_like(Y)
+                for _ in range(int(opts.steps)):
+                    torch.bmm(Y, mT(Y), out=Gy).mul_(W)
+                    torch.addcmul(Y0c, c1, Y, out=Yn).baddbmm_(Gy, Y, alpha=-1.0)
+                    Y, Yn = Yn, Y
+            else:
+                for _ in range(int(opts.steps)):
+                    Y = c1 * Y + Y0c - ((Y @ mT(Y)) * W) @ Y
             P = torch.linalg.solve_triangular(L, Y, upper=False, left=False)
+            H = Y @ mT(Y)                         # = P G⁰ Pᵀ (G⁰ = LLᵀ, P = Y L⁻¹), one product
     if P is None:
         # P route (any Gram, also singular): P ← c1 P + c2 I − 2η ((P G⁰ Pᵀ) ⊙ off) P
         P = eye.expand_as(G0).clone()
         for _ in range(int(opts.steps)):
             H = P @ G0 @ mT(P)
             P = c1 * P + c2 * eye - (H * W) @ P
-    H = P @ G0 @ mT(P)
+        H = P @ G0 @ mT(P)
     loss1 = 0.5 * ((H * H) * off).sum((-1, -2))
     Tm = row.unsqueeze(-1) * P * inv.unsqueeze(-2)
     G1 = H * row.unsqueeze(-1) * row.unsqueeze(-2)

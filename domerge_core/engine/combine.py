@@ -9,8 +9,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..algebra.decouple import (direction_down, direction_weights, merge_magnitudes, recombine_dense, recombine_lowrank,
-                                recombine_scale)
+from ..algebra.decouple import (combined_col_norms, direction_coefficients, direction_down, direction_weights,
+                                merge_magnitudes, recombine_dense, recombine_lowrank, recombine_scale)
 from ..algebra.linalg import block_indicator, factorize_dense, truncate, truncate_svd_form
 from ..devices import fixed_cpu_threads
 from ..methods.base import DenseUpdate, LowRankUpdate, TaskSet, Update
@@ -54,6 +54,15 @@ def method_inputs(pre: Prepared, W: Tensor, ctx: RunContext, up_side: bool
     return pre.B, pre.A * per_row.unsqueeze(-1), None
 
 
+def direction_norms(pre: Prepared, alpha: Tensor, wd: Tensor, rule: str) -> Optional[Tensor]:
+    """v2's column norms (N, n) of the merged direction ``B̂ · direction_down(Â, α, w/g)`` from the
+    prepared `pair_products` (no pass over the factors); None when not needed or not available."""
+    if rule != "v2":
+        return None
+    Q = pre.pair_products()
+    return None if Q is None else combined_col_norms(Q, direction_coefficients(alpha, wd))
+
+
 def one_sided(pre: Prepared, W: Tensor, ctx: RunContext) -> Optional[LowRankUpdate]:
     """A linear method (``ta``, ``do``) on factors held as ``B_in @ right_B`` with the down side the
     smaller one (m > n): the merged update is ``B_in · (right_B · D)``, so the R×R transform, the
@@ -68,26 +77,32 @@ def one_sided(pre: Prepared, W: Tensor, ctx: RunContext) -> Optional[LowRankUpda
         return None
     if p["decouple"]:
         alpha = pre.magnitudes()
-        D = direction_down(pre.A, alpha, pre.ranks, direction_weights(W))
+        wd = direction_weights(W)
+        D = direction_down(pre.A, alpha, pre.ranks, wd)
         # column norms of B̂·D come from GB̂ = B̂ᵀB̂ (v2), so D is scaled before the transform
-        s = recombine_scale(None, D, merge_magnitudes(alpha, W, p["magnitude"]), p["recombine"], ctx.lam, pre.GB)
+        s = recombine_scale(None, D, merge_magnitudes(alpha, W, p["magnitude"]), p["recombine"], ctx.lam, pre.GB,
+                            direction_norms(pre, alpha, wd, p["recombine"]))
         return LowRankUpdate(pre.B_in, pre.right_B @ D.mul_(s))
     per_row = W @ block_indicator(pre.ranks, ctx.device, ctx.dtype).T          # (N, R)
     return LowRankUpdate(pre.B_in, (pre.right_B * (ctx.lam * per_row).unsqueeze(-2)) @ pre.A)
 
 
 def finish(upd: Update, alpha_star: Optional[Tensor], ctx: RunContext, fresh: Sequence[Tensor],
-           pre: Optional[Prepared] = None) -> Update:
+           pre: Optional[Prepared] = None, W: Optional[Tensor] = None) -> Update:
     """Recombine (decouple) and λ. ``fresh``: tensors this run made, which may be scaled in place;
     ``pre``: the batch's prepared factors (their Gram serves v2's column norms when the method
-    kept the prepared up factor)."""
+    kept the prepared up factor; for a linear method, with the strengths ``W``, their
+    `pair_products` do)."""
     lam = ctx.lam
     owned = lambda t: any(t is f for f in fresh)          # noqa: E731
     if isinstance(upd, LowRankUpdate):
         if alpha_star is not None:
-            GB = pre.GB if pre is not None and pre.mapped and upd.up is pre.B else None
+            kept = pre is not None and pre.mapped and upd.up is pre.B
+            GB = pre.GB if kept else None
+            norms = (direction_norms(pre, pre.magnitudes(), direction_weights(W), ctx.params["recombine"])
+                     if kept and ctx.spec.linear and W is not None else None)
             return LowRankUpdate(*recombine_lowrank(upd.up, upd.down, alpha_star, ctx.params["recombine"], lam,
-                                                    inplace=owned(upd.down), GB=GB))
+                                                    inplace=owned(upd.down), GB=GB, norms=norms))
         if lam == 1.0:
             return upd
         S = None if upd.S is None else upd.S * abs(lam)   # an SVD form stays one under λ ≥ 0
@@ -137,6 +152,6 @@ def combine(batch: Sequence[ModuleJob], pre: Prepared, ctx: RunContext) -> Facto
         fresh = [t for t in (up, down) if t is not pre.B and t is not pre.A]
         tasks = TaskSet(up, down, list(pre.ranks), [j.key for j in batch], batch[0].inputs,
                         [ctx.tags[i] for i in batch[0].inputs])
-        upd = finish(ctx.spec.fn(tasks, ctx.params, ctx.method_context()), alpha_star, ctx, fresh, pre)
+        upd = finish(ctx.spec.fn(tasks, ctx.params, ctx.method_context()), alpha_star, ctx, fresh, pre, W)
     ctx.tick("merge", len(batch))
     return factorize(upd, pre, ctx)

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..algebra.decouple import magnitudes
+from ..algebra.decouple import magnitudes, magnitudes_from_pairs, pair_products
 from ..algebra.linalg import block_inner_products_from_grams, blocks, cosine_from_inner, frob_norm, mT
 from ..algebra.orthogonalize import orthogonalize
 from .context import RunContext
@@ -44,6 +44,7 @@ class Prepared:
     _B: Optional[Tensor] = field(default=None, repr=False)
     _parent: Optional[Tuple["Prepared", int]] = field(default=None, repr=False)
     _alpha: Optional[Tensor] = field(default=None, repr=False)
+    _pairs: Optional[Tensor] = field(default=None, repr=False)
     _lists: Optional[Dict[str, list]] = field(default=None, repr=False)
 
     @property
@@ -68,15 +69,31 @@ class Prepared:
 
     def magnitudes(self) -> Tensor:
         """Column norms of every task update (N, T, n) — decouple's α, computed once from the
-        r×r Grams (``GB``) and the down factor."""
+        r×r Grams (``GB``; then from `pair_products`) and the down factor."""
         if self._parent is not None:
             parent, j = self._parent
             return parent.magnitudes()[j:j + 1]
         if self._alpha is None:
-            As = [self.A[..., o:o + r, :] for o, r in blocks(self.ranks)]
-            Bs = [None] * len(As) if self.GB is not None else [self.B[..., o:o + r] for o, r in blocks(self.ranks)]
-            self._alpha = magnitudes(Bs, As, GB=self.GB)
+            if self.GB is not None:
+                self._alpha = magnitudes_from_pairs(self.pair_products())
+            else:
+                As = [self.A[..., o:o + r, :] for o, r in blocks(self.ranks)]
+                Bs = [self.B[..., o:o + r] for o, r in blocks(self.ranks)]
+                self._alpha = magnitudes(Bs, As)
         return self._alpha
+
+    def pair_products(self) -> Optional[Tensor]:
+        """(N, T, T, n) inner products of the task updates' columns (`decouple.pair_products`),
+        computed once from ``GB`` and the down factor; None without ``GB``. Decouple's magnitudes
+        and the v2 column norms of the merged direction at any strengths both come from it, so a
+        slider move needs no pass over the factors for them."""
+        if self._parent is not None:
+            parent, j = self._parent
+            Q = parent.pair_products()
+            return None if Q is None else Q[j:j + 1]
+        if self._pairs is None and self.GB is not None:
+            self._pairs = pair_products(self.GB, self.A, self.ranks)
+        return self._pairs
 
     def stat_lists(self) -> Dict[str, list]:
         """The statistics as Python lists (converted once; the report reads them per module)."""
@@ -111,13 +128,16 @@ def load_stack(batch: Sequence[ModuleJob], dtype, device) -> Tuple[Tensor, Tenso
     B = torch.empty(N, m, R, dtype=dtype, device=device)
     A = torch.empty(N, R, n, dtype=dtype, device=device)
     scales = torch.empty(N, R, dtype=dtype)
+    unit = True
     for j, job in enumerate(batch):
         for (_, mod), (o, r) in zip(job.active, blocks(ranks)):
             up, down = mod.loader()
             B[j, :, o:o + r].copy_(up.reshape(m, r))
             A[j, o:o + r, :].copy_(down.reshape(r, n))
             scales[j, o:o + r] = float(mod.scale)
-    B.mul_(scales.to(device).unsqueeze(-2))
+            unit = unit and float(mod.scale) == 1.0
+    if not unit:               # alpha = rank (scale 1, the common case): ×1 is exact, skip the pass
+        B.mul_(scales.to(device).unsqueeze(-2))
     return B, A, ranks
 
 
