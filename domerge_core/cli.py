@@ -93,10 +93,8 @@ def cmd_inspect(args) -> int:
     descs = [dict(dc.describe(p, base=args.base)) for p in args.files]
     analysis = None
     if len(args.files) >= 2 and not args.no_analysis:
-        base = None
-        if args.base:
-            from .formats.base import base_weights
-            base = base_weights(args.base)
+        from .formats.base_pipeline import as_base
+        base = as_base(args.base)          # the checkpoint's header read once for all files
         loras = [dc.load_lora(p, base=base) for p in args.files]
         dc.check_compatible(loras)
         analysis = dc.analyze(loras, device=args.device)
@@ -224,10 +222,8 @@ def cmd_merge(args) -> int:
     t0 = time.perf_counter()
     clip_weights = _parse_weights(args.clip_weights, len(args.inputs), flag="--clip-weights")
     block_specs = _parse_block_weights(args.block_weights, len(args.inputs))
-    base = None
-    if args.base:
-        from .formats.base import base_weights
-        base = base_weights(args.base)
+    from .formats.base_pipeline import as_base
+    base = as_base(args.base)          # the checkpoint's header read once for all inputs
     loras = [dc.load_lora(p, base=base) for p in args.inputs]
     if args.format:                  # before the work: a layout these models' clients cannot load
         for lora in loras:

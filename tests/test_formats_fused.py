@@ -35,7 +35,7 @@ import domerge_core  # noqa: E402
 from domerge_core.formats.base import base_weights  # noqa: E402
 from domerge_core.formats.canonical import file_hint  # noqa: E402
 from domerge_core.formats.names import map_name  # noqa: E402
-from test_formats_sd3 import _comfy_delta, _rel, assert_lands_where_comfyui_puts_it, model_rows  # noqa: E402
+from test_formats_sd3 import _comfy_delta, _file, _rel, assert_lands_where_comfyui_puts_it, model_rows  # noqa: E402
 
 H = 32
 FLUX_CFG = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
@@ -94,21 +94,6 @@ def _modules(layout, shapes, d2c):
     namer, family, native = LAYOUTS[layout]
     mods = _native_modules(shapes) if native else _diffusers_modules(shapes, d2c)
     return [(namer(p), s) for p, s in mods], family
-
-
-def _file(path, mods, family, rank=4, alpha=2.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, (m, n) in mods:
-        down = torch.randn(rank, n, generator=g) / n ** 0.5
-        up = torch.randn(m, rank, generator=g) * 0.5
-        if family == "ab":
-            sd[name + ".lora_A.weight"], sd[name + ".lora_B.weight"] = down, up
-        else:
-            sd[name + ".lora_down.weight"], sd[name + ".lora_up.weight"] = down, up
-            sd[name + ".alpha"] = torch.tensor(alpha)
-    save_file(sd, str(path))
-    return path
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -186,15 +186,16 @@ class MergePanel:
         self.widget = self._layout()
 
     # ------------------------------------------------------------------ construction
-    def _load(self, path: str):
-        """(lora, error, summary) of one input file."""
-        lora, error, info = None, None, ""
-        try:
-            lora = core.load_lora(path, base=self._base_fn)
-        except core.DomergeError as e:
-            error = str(e)
-        except Exception as e:  # an unexpected reader failure must not kill the panel
-            error = f"{path}: {type(e).__name__}: {e}"
+    def _load(self, p: Any):
+        """(lora, error, summary) of one input: a Lora as given, or a file read with the panel's base."""
+        lora, error, info = (p, None, "") if hasattr(p, "modules") else (None, None, "")
+        if lora is None:
+            try:
+                lora = core.load_lora(p, base=self._base_fn)
+            except core.DomergeError as e:
+                error = str(e)
+            except Exception as e:  # an unexpected reader failure must not kill the panel
+                error = f"{p}: {type(e).__name__}: {e}"
         if error is None:
             try:
                 info = summary_line(_describe(lora))
@@ -204,14 +205,7 @@ class MergePanel:
 
     def _make_row(self, p: Any, weight: float, rng: tuple) -> LoraRow:
         path = os.fspath(p) if not hasattr(p, "modules") else getattr(p, "source", "<memory>")
-        if hasattr(p, "modules"):
-            lora, error, info = p, None, ""
-            try:
-                info = summary_line(_describe(lora))
-            except core.DomergeError as e:
-                lora, error = None, str(e)
-        else:
-            lora, error, info = self._load(path)
+        lora, error, info = self._load(p if hasattr(p, "modules") else path)
         enabled = W.Checkbox(value=error is None, disabled=error is not None, indent=False,
                              layout=W.Layout(width="28px"))
         name = W.Label(os.path.basename(path), layout=W.Layout(width="220px"), tooltip=path)

@@ -101,3 +101,19 @@ def as_base(obj) -> Optional[BaseFn]:
         return obj
     raise TypeError(f"base must be a pipeline, a {{component: module}} dict, a checkpoint path or a function, "
                     f"not {type(obj).__name__}")
+
+
+def shape_of(base: Optional[BaseFn]) -> Optional[Callable[[str, str], Any]]:
+    """``fn(canonical key, module name) -> shape or None`` of a reader ``base`` function: its own
+    header-only ``shape`` where it has one (checkpoints, pipelines), else the shape of what it returns."""
+    if base is None:
+        return None
+    shape = getattr(base, "shape", None)
+    if shape is not None:
+        return shape
+
+    def shape(key: str, name: str):
+        t = base(key, name)
+        return None if t is None else tuple(t.shape)
+
+    return shape

@@ -48,23 +48,10 @@ def _adapter(m) -> str:
     return "dora" if fam == "lora" else f"{fam}+dora"
 
 
-def _base_shape(base):
-    """``fn(canonical key, module name) -> shape or None`` from a checkpoint path (header only) or a
-    ``base`` function as ``load_lora`` takes it."""
-    if base is None:
-        return None
-    if isinstance(base, (str, os.PathLike)):
-        from .base import base_weights
-        base = base_weights(os.fspath(base))
-    shape = getattr(base, "shape", None)
-    if shape is not None:
-        return shape
-    return lambda key, name: (lambda t: None if t is None else tuple(t.shape))(base(key, name))
-
-
 def _plan_of_file(path: str, base=None):
     """A Lora-like view of a file from its header (canonical modules, scales, shapes), torch-free.
     ``base`` (checkpoint path or function): the base model that OFT/BOFT/GLoRA/DoRA modules need."""
+    from .base_pipeline import as_base, shape_of
     from .plan import TensorSource, plan_modules, read_adapter_config
     from .safetensors import adapter_config_beside, open_header, read_scalar, read_tensor_bytes, resolve_input
 
@@ -77,7 +64,7 @@ def _plan_of_file(path: str, base=None):
         beside = adapter_config_beside(path, h.tensors, h.metadata)
         cfg = read_adapter_config(beside) if beside else None
         p = plan_modules(src, h.metadata, adapter_config=cfg, allow_dora=base is not None,
-                         base_shape=_base_shape(base))
+                         base_shape=shape_of(as_base(base)))
     finally:
         os.close(fd)
     mods = [SimpleNamespace(key=m.key, kind=m.kind, rank=m.rank, scale=m.scale, kernel_size=m.kernel_size,

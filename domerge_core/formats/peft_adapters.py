@@ -288,8 +288,10 @@ def rotate_update(W, blocks, row_scale=None):
 # ----------------------------------------------------------------------------------------------
 def make_loader(src, p, base):
     """The loader of a planned PEFT DoRA/OFT/BOFT module: dense ΔW as exact capped factors."""
+    import torch
+
     from . import lycoris
-    from .reader import _base_weight, _finite, _loader
+    from .reader import _finite, _loader, _shaped_base
 
     spec: PeftSpec = p.peft
     g = p.group
@@ -301,10 +303,7 @@ def make_loader(src, p, base):
         return _finite(src.get(key), src, key)
 
     def load():
-        w = _base_weight(base, p, src, first, kind)
-        if w.numel() != p.out_features * p.in_features or w.shape[0] != p.out_features:
-            raise LoraFormatError(f"{kind} module: base weight has shape {list(w.shape)}, the adapter patches "
-                                  f"{p.out_features}x{p.in_features}", file=src.label, key=first)
+        w = _shaped_base(base, p, src, first, kind)
         if spec.kind == "dora":
             mag = get(first)
             if mag.numel() != p.out_features:
@@ -316,14 +315,9 @@ def make_loader(src, p, base):
             dW = rotate_update(w, oft_rotations(get(first), spec.rotation))
         else:
             dW = rotate_update(w, boft_rotations(get(first)), get(g.keys["boft_s"]))
-        if not bool(torch_isfinite(dW)):
+        if not bool(torch.isfinite(dW).all()):
             raise LoraFormatError(f"{kind} module: the update is not finite (singular rotation or zero norm)",
                                   file=src.label, key=first)
         return lycoris._capped_dense(dW)
 
     return load
-
-
-def torch_isfinite(t):
-    import torch
-    return torch.isfinite(t).all()

@@ -479,6 +479,12 @@ class FilePlan:
     base_model: Optional[str]
 
 
+def _config_of(configs: Mapping[str, Any], mapped: Mapped):
+    """The adapter config of a module's component (diffusers' per-component metadata), else the file's."""
+    comp = mapped.targets[0][0].split(".", 1)[0]
+    return configs.get(comp) or configs.get("")
+
+
 def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, *,
                  adapter_config: Optional[Mapping[str, Any]] = None, allow_dora: bool = False,
                  base_shape: Optional[Callable[[str, str], Optional[Tuple[int, ...]]]] = None) -> FilePlan:
@@ -512,8 +518,7 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
             mapped = map_name(g.name, "ab", 0, hint=hint)
             shape = _base_weight_shape(src, g, mapped, base_shape, peft_adapters.NAMES[g.family],
                                        next(iter(g.keys.values())))
-            comp = mapped.targets[0][0].split(".", 1)[0]
-            rot = rotations.get(comp) or rotations.get("")
+            rot = _config_of(rotations, mapped)
             out_f, in_f, rank, kernel = peft_adapters.rotation_geometry(src, g, shape, rot)
             peft_spec = peft_adapters.PeftSpec("oft" if g.family == "peft_oft" else "boft", rotation=rot)
         elif lyco:
@@ -552,8 +557,7 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
         elif alpha is not None:
             scale = alpha / rank
         elif g.family in ("ab", "old") and scales:     # old attention-processor names too: diffusers
-            comp = mapped.targets[0][0].split(".", 1)[0]  # renames them to lora_A/B and applies the config
-            rule = scales.get(comp) or scales.get("")
+            rule = _config_of(scales, mapped)           # renames them to lora_A/B and applies the config
             rel = peft_relative_path(g.name)
             paths = [rel, mapped.targets[0][0].split(".", 1)[1]]
             if rel.startswith("text_model."):
@@ -565,8 +569,7 @@ def plan_modules(src: TensorSource, metadata: Optional[Mapping[str, str]] = None
         dtypes[dt] += 1
         lora_scale = None
         if g.family == "ab" and not rot_fam and scales:
-            comp = mapped.targets[0][0].split(".", 1)[0]
-            rule = scales.get(comp) or scales.get("")
+            rule = _config_of(scales, mapped)
             if rule is not None and rule.dora and "magnitude" not in g.keys:
                 raise UnsupportedFormatError("format found: PEFT DoRA (use_dora) without a lora_magnitude_vector "
                                              "for this module", file=src.label, key=g.keys["down"])

@@ -90,7 +90,7 @@ def _update_fn(src: TensorSource, p: ModulePlan):
 def _shaped_base(base: BaseFn, p: ModulePlan, src: TensorSource, key: str, kind: str) -> torch.Tensor:
     w = _base_weight(base, p, src, key, kind)
     shape = _weight_shape(p)
-    if w.numel() != math.prod(shape):
+    if w.numel() != math.prod(shape) or w.shape[0] != shape[0]:
         raise LoraFormatError(f"{kind} module: base weight has shape {list(w.shape)}, the LoRA patches "
                               f"{list(shape)}", file=src.label, key=key)
     return w.reshape(shape)
@@ -191,15 +191,9 @@ def build_lora(src: TensorSource, metadata: Optional[Mapping[str, str]] = None, 
     """``base(canonical key, module name in the file) -> weight tensor or None``: the base model's
     weights, needed by (and only read for) modules whose update depends on them: DoRA (kohya, LyCORIS,
     PEFT), LyCORIS OFT / BOFT / GLoRA, PEFT OFT / BOFT; without it those files are refused."""
-    base_shape = None
-    if base is not None:
-        base_shape = getattr(base, "shape", None)
-        if base_shape is None:
-            def base_shape(key, name):
-                t = base(key, name)
-                return None if t is None else tuple(t.shape)
+    from .base_pipeline import shape_of
     plan = plan_modules(src, metadata, adapter_config=adapter_config, allow_dora=base is not None,
-                        base_shape=base_shape)
+                        base_shape=shape_of(base))
     modules = {}
     fused: dict = {}          # the parts of a fused base-dependent module share one update of the fused weight
     for p in plan.modules.values():
